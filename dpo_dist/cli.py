@@ -1,0 +1,94 @@
+"""`dpo-dist` command line: one subcommand per stage, each with --help.
+
+Every subcommand imports its engine lazily, so `dpo-dist data check` never loads torch or Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see README, config reference)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dpo_dist import data, synthetic, tiny
+
+    parser = argparse.ArgumentParser(prog="dpo-dist", description="Distributed DPO: score the reference once on Ray, train with DeepSpeed ZeRO-3.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tiny-model", help="write a small random Hugging Face model with a local tokenizer")
+    tiny.add_tiny_model_args(p)
+    p.set_defaults(run=tiny.run_tiny_model)
+
+    p = sub.add_parser("synthetic", help="write a generated preference dataset with a learnable rule")
+    synthetic.add_synthetic_args(p)
+    p.set_defaults(run=synthetic.run_synthetic)
+
+    p = sub.add_parser("data", help="inspect preference data")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data_sub.add_parser("check", help="load SOURCE, report kept and dropped rows; JSON summary on the last line")
+    data.add_data_check_args(check)
+    check.set_defaults(run=data.run_data_check)
+    p = sub.add_parser("score", help="score the reference model on Ray into the cache (resumable)")
+    _add_config_args(p)
+    p.set_defaults(run=_score)
+
+    p = sub.add_parser("cache", help="inspect a reference cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    info = cache_sub.add_parser("info", help="print the manifest summary; --verify checks every shard")
+    info.add_argument("dir", help="cache directory (holds manifest.json)")
+    info.add_argument("--verify", action="store_true", help="check every shard's checksum and row count")
+    info.set_defaults(run=_cache_info)
+    return parser
+
+
+def _load(args):
+    from dpo_dist.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _score(args) -> int:
+    from dpo_dist.score import run_scoring
+
+    cfg = _load(args)
+    result = run_scoring(cfg)
+    print(f"cache: {result.cache_dir}  scored {result.scored_shards} shards, skipped {result.skipped_shards} "
+          f"(already complete), {result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tok/s)")
+    for split, report in result.reports.items():
+        print(f"{split}: {report}")
+    return 0
+
+
+def _cache_info(args) -> int:
+    from dpo_dist.cache import info_text, verify
+
+    print(info_text(args.dir))
+    if args.verify:
+        problems = verify(args.dir)
+        for p in problems:
+            print(f"problem: {p}")
+        print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
+        return 1 if problems else 0
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dpo_dist.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except USER_ERRORS as e:  # the user's input was wrong: one line, no traceback
+        if os.environ.get("DPO_DIST_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""One typed config tree: dataclasses whose `help` metadata becomes --help and the README reference.
+
+Loaded from YAML, then dotted command-line overrides (`train.lr=1e-6 loss.beta=0.2`), then validated.
+Derived values are methods; nothing is stored twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, one line, naming the file and field."""
+
+
+def opt(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a help text (mutable defaults go through default_factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("", "Training pairs: HH-RLHF .jsonl(.gz), a jsonl/json/parquet/csv file, a `datasets` name or directory. `{split}` in a path is replaced by the split.")
+    eval: Optional[str] = opt(None, "Eval pairs (same forms as `train`). When empty, `eval_fraction` of `train` is held out by id hash.")
+    eval_fraction: float = opt(0.0, "Fraction of `train` held out for eval when `eval` is not given (deterministic by pair id).")
+    format: str = opt("auto", "Source format: auto, hh, pairs, messages.")
+    train_split: str = opt("train", "Split name of `train` for `datasets` sources.")
+    eval_split: str = opt("test", "Split name of `eval` for `datasets` sources.")
+    max_samples: Optional[int] = opt(None, "Keep at most this many training pairs.")
+    eval_max_samples: Optional[int] = opt(None, "Keep at most this many eval pairs.")
+    prompt_field: str = opt("prompt", "Column holding the prompt.")
+    chosen_field: str = opt("chosen", "Column holding the chosen response.")
+    rejected_field: str = opt("rejected", "Column holding the rejected response.")
+    strict: bool = opt(False, "Turn any dropped row into an error.")
+    max_length: int = opt(512, "Max tokens of prompt + response.")
+    max_prompt_length: int = opt(256, "Max prompt tokens when prompt + response is too long.")
+    truncation_mode: str = opt("keep_end", "Which prompt tokens to keep when cutting: keep_end (HH) or keep_start.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(False, "Train a LoRA adapter (peft) instead of all weights.")
+    r: int = opt(16, "LoRA rank.")
+    alpha: int = opt(16, "LoRA alpha.")
+    dropout: float = opt(0.0, "LoRA dropout.")
+    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names to adapt, or ['all-linear'].")
+    merge_on_export: bool = opt(False, "Also export the merged full model next to the adapter.")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("", "Policy model: hub id or local Hugging Face directory.")
+    ref_name_or_path: Optional[str] = opt(None, "Reference model (e.g. the SFT model); defaults to the policy.")
+    tokenizer: Optional[str] = opt(None, "Tokenizer path; defaults to the policy's.")
+    attn_implementation: str = opt("sdpa", "Attention implementation: eager, sdpa, flash_attention_2.")
+    trust_remote_code: bool = opt(False, "Allow custom model code from the hub.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ScoreConfig:
+    num_actors: Optional[int] = opt(None, "Scoring actors; default one per GPU, or `cpu_actors` without GPUs.")
+    cpu_actors: int = opt(2, "Number of CPU actors when the cluster has no GPU.")
+    threads_per_actor: int = opt(1, "Torch threads (and Ray CPUs) per CPU actor.")
+    dtype: str = opt("auto", "Reference dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
+    shard_size: int = opt(512, "Pairs per Arrow shard (the unit of work and of resume).")
+    token_budget: int = opt(16384, "Max padded tokens per forward batch (2 rows per pair).")
+    overwrite: bool = opt(False, "Replace a cache whose fingerprint differs instead of refusing.")
+    max_retries: int = opt(3, "Times a shard is retried after its actor dies.")
+
+
+@dataclass
+class LossConfig:
+    loss_type: str = opt("sigmoid", "Loss: sigmoid (DPO), robust, hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, simpo.")
+    beta: float = opt(0.1, "Temperature beta of the implicit reward.")
+    label_smoothing: float = opt(0.0, "Label smoothing (cDPO / robust / exo_pair).")
+    params: dict = opt({}, "Variant parameters, e.g. {gamma: 0.5} for simpo, {rpo_alpha: 1.0}, {reference_free: true}.")
+
+
+@dataclass
+class TrainConfig:
+    deepspeed_config: str = opt("ds_configs/zero3_bf16.json", "DeepSpeed JSON; only its \"auto\" fields are filled from here.")
+    micro_batch_size: int = opt(2, "Pairs per rank per forward.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    global_batch_size: Optional[int] = opt(None, "If set, asserted equal to micro x accumulation x world size.")
+    lr: float = opt(5e-7, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_betas: list = opt([0.9, 0.999], "AdamW betas.")
+    warmup_steps: int = opt(0, "Linear warmup steps.")
+    lr_scheduler: str = opt("linear", "Decay after warmup: linear, cosine, constant.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    epochs: int = opt(1, "Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0: use epochs).")
+    seed: int = opt(42, "Seed of shuffling and initialisation.")
+    logging_steps: int = opt(1, "Write metrics every N optimizer steps.")
+    eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end).")
+    save_steps: int = opt(0, "Checkpoint every N steps (0: only at the end).")
+    keep_last: int = opt(2, "Checkpoints to keep.")
+    step0_tolerance: float = opt(0.05, "Max |policy - cached reference| mean per-token log-prob difference allowed at step 0.")
+    num_procs: Optional[int] = opt(None, "Processes for `dpo-dist train`: default one per GPU, else 2 on CPU.")
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = opt(True, "Export a Hugging Face model (or LoRA adapter) at the end.")
+    dir: Optional[str] = opt(None, "Export directory; default OUTPUT_DIR/export.")
+
+
+@dataclass
+class Config:
+    output_dir: str = opt("outputs/run", "Run folder: checkpoints, TensorBoard logs (tb/), export.")
+    cache_dir: Optional[str] = opt(None, "Reference cache folder; default OUTPUT_DIR/cache.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir or Path(self.output_dir) / "cache")
+
+    def export_dir(self) -> Path:
+        return Path(self.export.dir or Path(self.output_dir) / "export")
+
+    def ref_model(self) -> str:
+        return self.model.ref_name_or_path or self.model.name_or_path
+
+    def tokenizer_path(self) -> str:
+        return self.model.tokenizer or self.model.name_or_path
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+VALID = {
+    "data.format": ("auto", "hh", "pairs", "messages"),
+    "data.truncation_mode": ("keep_end", "keep_start"),
+    "score.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "train.lr_scheduler": ("linear", "cosine", "constant"),
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
+    """Check a YAML value against a field's type; ints are accepted for floats."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
+        return _build(hint, value, source, dotted + ".")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool, dict) and type(value) is hint:
+        return value
+    if hint is list and isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f"{source}: {dotted} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls, values: dict, source: str, prefix: str = ""):
+    hints = _hints(cls)
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown field {prefix}{key} (valid: {', '.join(names)})")
+    return cls(**{k: _coerce(v, hints[k], source, prefix + k) for k, v in values.items()})
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=value` strings to a nested dict; values are parsed as YAML (numbers, bools, lists)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-6")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params" else v
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (optional), apply dotted overrides, build and validate the tree."""
+    values: dict = {}
+    source = "overrides"
+    if path:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    values = _merge(values, parse_overrides(overrides or []))
+    cfg = _build(Config, values, source)
+    validate(cfg, source)
+    return cfg
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for k in dotted.split("."):
+        node = getattr(node, k)
+    return node
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Value checks that the types alone do not express; one line per problem, the first raised."""
+    for dotted, allowed in VALID.items():
+        if _get(cfg, dotted) not in allowed:
+            raise ConfigError(f"{source}: {dotted} must be one of {', '.join(allowed)}; got {_get(cfg, dotted)!r}")
+    d, t = cfg.data, cfg.train
+    checks = [
+        (d.max_length > 0, "data.max_length must be > 0"),
+        (0 < d.max_prompt_length < d.max_length, "data.max_prompt_length must be > 0 and < data.max_length"),
+        (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (cfg.loss.beta > 0, "loss.beta must be > 0"),
+        (t.micro_batch_size > 0 and t.gradient_accumulation_steps > 0,
+         "train.micro_batch_size and train.gradient_accumulation_steps must be > 0"),
+        (t.lr >= 0 and t.warmup_steps >= 0 and t.max_steps >= 0 and t.epochs > 0,
+         "train.lr, warmup_steps, max_steps must be >= 0 and train.epochs > 0"),
+        (cfg.score.shard_size > 0 and cfg.score.token_budget > 0, "score.shard_size and score.token_budget must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_reference() -> str:
+    """Markdown table of every field, its default and help: the README's config reference."""
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            hint = _hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{prefix}{f.name}` | `{json.dumps(default)}` | {f.metadata.get('help', '')} |")
+
+    walk(Config, "")
+    return "\n".join(lines)

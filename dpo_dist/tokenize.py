@@ -1,0 +1,136 @@
+"""Tokenize preference pairs once: prompt ids, chosen and rejected response ids, truncation.
+
+The cache stores these ids, so training never re-tokenizes (DESIGN.md invariant 1).
+Truncation follows the original DPO code (arXiv:2305.18290, eric-mitchell/direct-preference-optimization):
+if prompt + longer response exceeds max_length, cut the prompt to max_prompt_length; if still too
+long, cut both responses to max_length - len(prompt).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+@dataclass
+class TokenizedPair:
+    id: str
+    prompt_input_ids: list[int]
+    chosen_input_ids: list[int]  # response only, EOS appended (unless cut by truncation)
+    rejected_input_ids: list[int]
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+
+@dataclass
+class TokenizeReport:
+    pairs: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    boundary_mismatch: int = 0  # prompt+response did not tokenize as the joined text; tokenized apart
+
+    def add(self, other: "TokenizeReport") -> None:
+        for name in ("pairs", "prompt_truncated", "response_truncated", "boundary_mismatch"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Tokenized:
+    """Result of tokenizing one side: ids plus whether the boundary split was clean."""
+
+    prompt: list[int]
+    response: list[int]
+    clean: bool = True
+
+
+def render_messages(tokenizer, prompt, response) -> tuple[str, str]:
+    """Render a conversational pair with the tokenizer's chat template into (prompt_text, response_text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the data is in messages form but the tokenizer has no chat_template")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("chat template renders the conversation so that it does not start with the prompt")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def _special_prefix(tokenizer, text: str, plain: list[int]) -> list[int]:
+    """The special tokens (e.g. BOS) the tokenizer puts before `text`, as it defines them."""
+    with_special = tokenizer(text, add_special_tokens=True)["input_ids"]
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return list(with_special[:i])
+    return []
+
+
+def _split(tokenizer, prompt_text: str, response_text: str, prompt_ids: list[int]) -> Tokenized:
+    """Tokenize the joined text and split it at the prompt, so prompt + response == tokenize(joined)."""
+    full = tokenizer(prompt_text + response_text, add_special_tokens=False)["input_ids"]
+    if full[: len(prompt_ids)] == prompt_ids:
+        return Tokenized(prompt_ids, list(full[len(prompt_ids):]))
+    # A merge across the boundary (rare for byte-level BPE): tokenize the response on its own.
+    return Tokenized(prompt_ids, tokenizer(response_text, add_special_tokens=False)["input_ids"], clean=False)
+
+
+def tokenize_pair(tokenizer, pair, *, max_length: int, max_prompt_length: int,
+                  truncation_mode: str = "keep_end", report: TokenizeReport | None = None) -> TokenizedPair:
+    """Tokenize one Pair (text or messages) into prompt / chosen / rejected ids with truncation."""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+    report = report if report is not None else TokenizeReport()
+    if isinstance(pair.prompt, str):
+        prompt_text, chosen_text, rejected_text = pair.prompt, pair.chosen, pair.rejected
+        prompt_plain = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        prefix = _special_prefix(tokenizer, prompt_text, prompt_plain)
+    else:  # messages: the chat template writes its own special tokens into the text
+        prompt_text, chosen_text = render_messages(tokenizer, pair.prompt, pair.chosen)
+        _, rejected_text = render_messages(tokenizer, pair.prompt, pair.rejected)
+        prompt_plain = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        prefix = []
+    chosen = _split(tokenizer, prompt_text, chosen_text, prompt_plain)
+    rejected = _split(tokenizer, prompt_text, rejected_text, prompt_plain)
+    eos = tokenizer.eos_token_id
+    responses = []
+    for side in (chosen, rejected):
+        ids = list(side.response)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        responses.append(ids)
+    body = list(prompt_plain)
+    prompt_cut = response_cut = False
+    longer = max(len(r) for r in responses)
+    if len(prefix) + len(body) + longer > max_length and len(prefix) + len(body) > max_prompt_length:
+        keep = max(max_prompt_length - len(prefix), 0)
+        body = body[len(body) - keep:] if truncation_mode == "keep_end" else body[:keep]
+        prompt_cut = True
+    prompt_ids = prefix + body
+    if len(prompt_ids) + longer > max_length:
+        room = max_length - len(prompt_ids)
+        response_cut = any(len(r) > room for r in responses)
+        responses = [r[:room] for r in responses]
+    report.pairs += 1
+    report.prompt_truncated += prompt_cut
+    report.response_truncated += response_cut
+    report.boundary_mismatch += not (chosen.clean and rejected.clean)
+    return TokenizedPair(pair.id, prompt_ids, responses[0], responses[1], prompt_cut, response_cut)
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """Identity of a tokenizer for the cache fingerprint: name, vocabulary hash, specials, chat template."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "tokenizer_name": getattr(tokenizer, "name_or_path", ""),
+        "tokenizer_class": type(tokenizer).__name__,
+        "vocab_hash": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+        "special_tokens": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+                           "pad": tokenizer.pad_token_id},
+        "chat_template_hash": hashlib.sha256(template.encode()).hexdigest()[:16],
+    }

@@ -1,0 +1,25 @@
+"""dpo-dist: distributed DPO training (Ray reference scoring + DeepSpeed ZeRO-3 training)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dpo-dist",
+    version="0.1.0",
+    description="Distributed DPO: score the reference once on Ray, train with DeepSpeed ZeRO-3.",
+    packages=find_packages(include=["dpo_dist", "dpo_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "datasets>=2.20",
+        "ray[default]>=2.30",
+        "pyarrow>=15",
+        "tensorboard>=2.15",
+        "tqdm>=4.60",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
+    entry_points={"console_scripts": ["dpo-dist=dpo_dist.cli:main"]},
+)
