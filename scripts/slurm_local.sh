@@ -16,7 +16,8 @@
 # Knobs (environment): SLURM_LOCAL_CTLD_PORT (16817), SLURM_LOCAL_NODE_PORT (17001; n2 uses +1),
 # SLURM_LOCAL_CPUS (2 per node), SLURM_LOCAL_MEM_MB (8000 per node),
 # SLURM_LOCAL_AUTH (auto|munge|none; auto tries munge, then falls back to auth/none),
-# SLURM_LOCAL_TIMEOUT (30 s to wait for both nodes idle).
+# SLURM_LOCAL_TIMEOUT (30 s to wait for both nodes idle),
+# SLURM_LOCAL_CRED_EXPIRE (10 s; also the delay before a requeued job may restart).
 # All diagnostics go to stderr; stdout carries only the export line.
 set -euo pipefail
 
@@ -28,6 +29,7 @@ NCPUS=${SLURM_LOCAL_CPUS:-2}
 MEM_MB=${SLURM_LOCAL_MEM_MB:-8000}
 AUTH=${SLURM_LOCAL_AUTH:-auto}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-30}
+CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-10}
 NODES=(n1 n2)
 PLUGIN_DIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
 CONF=$STATE_DIR/slurm.conf
@@ -109,12 +111,15 @@ SlurmctldPort=$CTLD_PORT
 SlurmUser=root
 SlurmdUser=root
 $AUTH_LINES
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=cred_expire=$CRED_EXPIRE
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/spool/%n
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
 SlurmdPidFile=$STATE_DIR/slurmd-%n.pid
 SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
 SlurmdLogFile=$STATE_DIR/log/slurmd-%n.log
+MailProg=/bin/true
 SlurmctldDebug=info
 SlurmdDebug=info
 SlurmdParameters=config_overrides
@@ -125,6 +130,8 @@ SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# main scheduling loop every 2 s (default 60): a requeued job starts soon after its BeginTime
+SchedulerParameters=sched_interval=2,bf_interval=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
@@ -240,10 +247,20 @@ do_status() {
     SLURM_CONF=$CONF squeue
 }
 
+# serialize start/stop of one STATE_DIR (e.g. several pytest workers)
+locked() {
+    mkdir -p "$STATE_DIR"
+    if have flock; then
+        exec 9>"$STATE_DIR/.lock"
+        flock -w 120 9 || die "could not lock $STATE_DIR/.lock"
+    fi
+    "$@"
+}
+
 case $CMD in
     install) do_install ;;
-    start) do_start ;;
-    stop) do_stop ;;
+    start) locked do_start ;;
+    stop) locked do_stop ;;
     status) do_status ;;
     *) echo "usage: $0 {install|start|stop|status} [STATE_DIR]" >&2; exit 2 ;;
 esac

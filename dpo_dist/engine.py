@@ -1,0 +1,221 @@
+"""The one boundary between the trainer and DeepSpeed: set-up, backward, step, checkpoints, export.
+
+The DeepSpeed JSON is the source of truth; `fill_ds_config` fills only its "auto" fields from the
+trainer config and asserts global batch = micro x accumulation x world (DESIGN.md invariant 6).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpo_dist.config import TrainConfig
+
+
+class BatchArithmeticError(ValueError):
+    pass
+
+
+def _fill(node: dict, key: str, value: Any, where: str) -> None:
+    """Set an "auto" field; a number already there must agree with the trainer config."""
+    current = node.get(key, "auto")
+    if current == "auto":
+        node[key] = value
+    elif key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size") and current != value:
+        raise BatchArithmeticError(f"{where}: {key} is {current} in the DeepSpeed JSON but the trainer config gives {value}; "
+                                   f"set it to \"auto\" or make them agree")
+
+
+def fill_ds_config(ds: dict, train: TrainConfig, world_size: int, hidden_size: int, has_gpu: bool,
+                   source: str = "deepspeed config") -> dict:
+    """A filled copy of the DeepSpeed config; raises BatchArithmeticError on inconsistent batch sizes."""
+    ds = copy.deepcopy(ds)
+    micro, accum = train.micro_batch_size, train.gradient_accumulation_steps
+    global_batch = micro * accum * world_size
+    if train.global_batch_size is not None and train.global_batch_size != global_batch:
+        raise BatchArithmeticError(
+            f"train.global_batch_size={train.global_batch_size} but micro_batch_size {micro} x "
+            f"gradient_accumulation_steps {accum} x world size {world_size} = {global_batch}")
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, source)
+    _fill(ds, "gradient_accumulation_steps", accum, source)
+    _fill(ds, "train_batch_size", global_batch, source)
+    _fill(ds, "gradient_clipping", train.max_grad_norm, source)
+    opt = ds.get("optimizer", {}).get("params", {})
+    for key, value in (("lr", train.lr), ("betas", list(train.adam_betas)), ("weight_decay", train.weight_decay),
+                       ("torch_adam", not has_gpu)):  # DeepSpeed's fused Adam needs CUDA to compile
+        _fill(opt, key, value, source)
+    zero = ds.get("zero_optimization", {})
+    # Hugging Face's rule of thumb for bucket sizes, scaled by the hidden size.
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if key in zero:
+            _fill(zero, key, value, source)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ValueError(f"{source}: no rule to fill \"auto\" for {', '.join(leftover)}")
+    return ds
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def load_ds_json(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: DeepSpeed config not found (see ds_configs/)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+# ----------------------------------------------------------------------------- distributed set-up
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def compute_init() -> Dist:
+    """Initialise torch.distributed from the torchrun environment (NCCL on GPU, gloo on CPU)."""
+    import deepspeed
+    import torch
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+    deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False)
+    return Dist(rank, local_rank, world, device)
+
+
+def all_reduce_mean(values: dict[str, float], dist: Dist) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for the whole dict)."""
+    import torch
+    import torch.distributed as tdist
+
+    if dist.world_size == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=dist.device if dist.device != "cpu" else "cpu")
+    tdist.all_reduce(t)
+    return {k: float(v) / dist.world_size for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_sum(values: dict[str, float], dist: Dist) -> dict[str, float]:
+    import torch
+    import torch.distributed as tdist
+
+    if dist.world_size == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def barrier(dist: Dist) -> None:
+    import torch.distributed as tdist
+
+    if dist.world_size > 1:
+        tdist.barrier()
+
+
+# ----------------------------------------------------------------------------- engine boundary
+
+class Engine:
+    """Thin wrapper: the training loop calls forward/backward/step/save/load only through here."""
+
+    def __init__(self, ds_engine, scheduler):
+        self.ds = ds_engine
+        self.scheduler = scheduler
+
+    @property
+    def module(self):
+        return self.ds.module
+
+    def __call__(self, **batch):
+        return self.ds(**batch)
+
+    def backward(self, loss) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()  # DeepSpeed steps the optimizer (and scheduler) only at the accumulation boundary
+
+    def grad_norm(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+
+    def load(self, ckpt_dir: Path, tag: str | None = None) -> dict | None:
+        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        return client_state if path is not None else None
+
+    def full_state_dict(self) -> dict | None:
+        """16-bit full weights gathered from the ZeRO-3 shards onto rank 0 (None on the others)."""
+        if self.ds.zero_optimization_partition_weights():
+            return self.ds._zero3_consolidated_16bit_state_dict()
+        return self.ds.module.state_dict() if self.ds.global_rank == 0 else None
+
+
+def lr_lambda(warmup: int, total: int, kind: str):
+    """Multiplier of the peak lr: linear warmup, then linear / cosine decay to 0, or constant."""
+    import math
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int) -> Engine:
+    import deepspeed
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = lr_lambda(train.warmup_steps, total_steps, train.lr_scheduler)
+    # A factory: DeepSpeed calls it with its inner torch optimizer (the ZeRO wrapper is not one),
+    # steps it at each optimizer step and saves it in checkpoints.
+    ds_engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    return Engine(ds_engine, scheduler)

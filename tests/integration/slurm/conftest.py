@@ -1,0 +1,134 @@
+"""A real 2-node Slurm cluster (n1, n2) on this machine, for the tests in this folder.
+
+`slurm_cluster` (session scope) runs scripts/slurm_local.sh install + start, yields a
+SlurmCluster (attributes or dict keys: env, state_dir, conf) and stops the cluster at teardown
+(unless it was already running before the session). It skips when Slurm cannot be installed.
+
+State dir: $DPO_SLURM_STATE_DIR or /tmp/dpo-dist-slurm. Run these tests in one process
+(no xdist split): teardown in one worker would stop the cluster under another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+TERMINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+    "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT",
+}
+
+
+@dataclass
+class SlurmCluster:
+    state_dir: Path
+    conf: Path
+    env: dict = field(repr=False)
+
+    def __getitem__(self, key):  # dict-style access: cluster["env"], cluster["state_dir"]
+        return getattr(self, key)
+
+    def run(self, *cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=kw.pop("env", self.env), capture_output=True,
+                              text=True, check=check, timeout=timeout, **kw)
+
+    def sbatch(self, *args, env=None) -> str:
+        """Submit; returns the job id. `args` are sbatch options then the script."""
+        out = self.run("sbatch", "--parsable", *map(str, args), env=env or self.env).stdout
+        return out.strip().split(";")[0]
+
+    def state(self, job: str) -> str:
+        r = self.run("squeue", "-h", "-t", "all", "-j", job, "-o", "%T", check=False)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    def wait(self, job: str, timeout: float = 120, poll: float = 0.5) -> dict:
+        """Poll squeue every `poll` s (sbatch --wait is slow) until the job is finished;
+        returns job_info(). Raises TimeoutError with the job's state on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.state(job)
+            if st in TERMINAL_STATES or (st == "" and self.job_info(job)):
+                return self.job_info(job)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job} not finished after {timeout}s (state {st!r}):\n"
+                                   + self.run("scontrol", "show", "job", job, check=False).stdout)
+            time.sleep(poll)
+
+    def job_info(self, job: str) -> dict:
+        """`scontrol show job -o` as a dict (JobState, ExitCode, Restarts, NodeList, StdOut...).
+        scontrol remembers finished jobs for MinJobAge (300 s here); sacct does not work
+        (AccountingStorageType=accounting_storage/none)."""
+        r = self.run("scontrol", "show", "job", "-o", job, check=False)
+        if r.returncode != 0:
+            return {}
+        info = {}
+        for tok in r.stdout.split():
+            k, sep, v = tok.partition("=")
+            if sep:
+                info[k] = v
+        return info
+
+    def logs(self) -> str:
+        parts = []
+        for f in sorted((self.state_dir / "log").glob("*.log")):
+            lines = f.read_text(errors="replace").splitlines()[-40:]
+            parts.append(f"----- {f}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+def _sh(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _running(state_dir: Path) -> bool:
+    pid = state_dir / "slurmctld.pid"
+    try:
+        os.kill(int(pid.read_text().strip()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    state_dir = Path(os.environ.get("DPO_SLURM_STATE_DIR", "/tmp/dpo-dist-slurm"))
+    is_root = os.geteuid() == 0
+    have_slurm = all(shutil.which(b) or Path("/usr/sbin", b).exists()
+                     for b in ("sbatch", "slurmctld", "slurmd"))
+    if not have_slurm and not is_root:
+        pytest.skip("Slurm is not installed and we are not root (cannot apt-get install it)")
+    if not have_slurm and not shutil.which("apt-get"):
+        pytest.skip("Slurm is not installed and apt-get is missing")
+    if not is_root:
+        pytest.skip("the local Slurm cluster runs its daemons as root (SlurmUser=root)")
+
+    r = _sh("install")
+    if r.returncode != 0:
+        pytest.skip(f"could not install Slurm: {r.stderr.strip()[-2000:]}")
+
+    was_running = _running(state_dir)
+    t0 = time.monotonic()
+    r = _sh("start", str(state_dir), timeout=120)
+    if r.returncode != 0:
+        _sh("stop", str(state_dir))
+        pytest.fail(f"local Slurm cluster did not start:\n{r.stdout}\n{r.stderr}", pytrace=False)
+    conf = state_dir / "slurm.conf"
+    assert f"export SLURM_CONF={conf}" in r.stdout, r.stdout
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
+    cluster = SlurmCluster(state_dir=state_dir, conf=conf, env=env)
+    cluster.startup_s = time.monotonic() - t0
+    try:
+        yield cluster
+    finally:
+        if not was_running:
+            _sh("stop", str(state_dir))

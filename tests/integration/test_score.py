@@ -1,0 +1,332 @@
+"""Reference scoring on real Ray: values, a `ray start` cluster, resume after kills, refusals.
+
+    .venv/bin/python -m pytest -q tests/integration/test_score.py      # ~2-3 min on 2 CPU cores
+
+Every scoring run of the synthetic data uses the same config (600 pairs, 10% eval hold-out, shards of
+16 pairs, 2 CPU actors), so every run, interrupted or not, must give byte-identical shards to the
+uninterrupted `baseline` run: the manifest's per-shard sha256 are compared.
+"""
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("ray")
+
+from dpo_dist.cache import CacheError, load_manifest, read_shard, verify  # noqa: E402
+from dpo_dist.cli import main as cli_main  # noqa: E402
+from dpo_dist.config import load_config  # noqa: E402
+from dpo_dist.score import run_scoring  # noqa: E402
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+
+SYNTHETIC = ["data.eval_fraction=0.1", "score.shard_size=16", "score.cpu_actors=2", "score.threads_per_actor=1"]
+
+
+def _overrides(model: Path, data: Path, cache: Path, *extra: str) -> list[str]:
+    return [f"model.name_or_path={model}", f"data.train={data}", f"cache_dir={cache}",
+            f"output_dir={cache.parent / 'run'}", *extra]
+
+
+def _cfg(model: Path, data: Path, cache: Path, *extra: str):
+    return load_config(None, _overrides(model, data, cache, *extra))
+
+
+def _shard_hashes(cache: Path) -> dict:
+    """(split, index) -> sha256 as the manifest records it, checked against the file on disk."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    out = {}
+    for split, info in manifest["splits"].items():
+        for index, entry in info["shards"].items():
+            assert hashlib.sha256((cache / split / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+            out[(split, int(index))] = entry["sha256"]
+    return out
+
+
+def _manifest_shards(cache: Path) -> int:
+    try:
+        manifest = json.loads((cache / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(len(info["shards"]) for info in manifest["splits"].values())
+
+
+def _cmdline(proc) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def _kill_pids(procs) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tiny_model, synthetic_path, tmp_path_factory) -> Path:
+    """The uninterrupted embedded run every other synthetic run is compared with."""
+    cache = tmp_path_factory.mktemp("baseline") / "cache"
+    result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
+    assert result.skipped_shards == 0 and result.pairs == 600
+    assert verify(cache) == []
+    assert len(_shard_hashes(cache)) == result.scored_shards > 30
+    return cache
+
+
+# ----------------------------------------------------------------------------- values
+
+def _reference_logps(model, prompt: list[int], response: list[int]) -> float:
+    """Sum of log p(response | prompt): one sequence, float32, log_softmax + gather on the response."""
+    ids = torch.tensor([prompt + response])  # (1, T)
+    logits = model(input_ids=ids).logits[0].float()  # (T, V)
+    logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # rows predicting the response
+    return float(logprobs.gather(1, torch.tensor(response)[:, None]).sum())
+
+
+def test_values_equal_single_pair_forward_on_hh(ray_cluster, tiny_model, hh_path, tmp_path):
+    """Every HH pair's cached ref log-probs match a plain one-pair-at-a-time HF forward (float32)."""
+    from dpo_dist.data import load_pairs
+
+    cache = tmp_path / "cache"
+    result = run_scoring(_cfg(tiny_model, hh_path, cache, "data.max_length=256", "data.max_prompt_length=128"))
+    manifest = load_manifest(cache)
+    assert manifest.fingerprint["dtype"] == "float32"
+    report = manifest.splits["train"]["report"]
+    assert report["source"]["kept"] == 2303 and report["pairs"] == 2303 == result.pairs
+    assert report["source"]["dropped"] == {"empty_response": 4, "prompt_mismatch": 5}
+    assert manifest.rows("eval") == 0 and manifest.is_complete("eval")
+    assert cli_main(["cache", "info", str(cache), "--verify"]) == 0
+
+    rows = [r for e in manifest.shard_entries("train") for r in read_shard(cache / "train" / e["name"]).to_pylist()]
+    assert len(rows) == 2303 and len({r["id"] for r in rows}) == 2303
+
+    # Tokenization, re-derived with the tokenizer itself: prompt + response == tokenize(joined) + EOS.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    pairs = {p.id: p for p in load_pairs(str(hh_path))[0]}
+    checked = mismatched = 0
+    for r in rows:
+        if r["prompt_truncated"] or r["response_truncated"]:
+            continue
+        pair = pairs[r["id"]]
+        for text, key in ((pair.chosen, "chosen_input_ids"), (pair.rejected, "rejected_input_ids")):
+            joined = tokenizer(pair.prompt + text)["input_ids"] + [tokenizer.eos_token_id]
+            mismatched += r["prompt_input_ids"] + r[key] != joined
+            checked += 1
+    assert checked > 1000 and mismatched <= 2 * report["boundary_mismatch"]
+    assert all(len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) <= 256 for r in rows)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    torch.set_num_threads(2)
+    worst = 0.0
+    with torch.inference_mode():
+        for r in rows:
+            for side in ("chosen", "rejected"):
+                expected = _reference_logps(model, r["prompt_input_ids"], r[f"{side}_input_ids"])
+                # The cache stores float32 sums of up to ~250 tokens (|sum| up to ~2e3, ulp ~1e-4):
+                # 1e-5 is relative to the sum, i.e. about 1e-5 per token.
+                worst = max(worst, abs(r[f"ref_{side}_logps"] - expected) / max(1.0, abs(expected)))
+                assert r[f"{side}_num_tokens"] == len(r[f"{side}_input_ids"])
+    assert worst < 1e-5, f"largest relative difference {worst:.2e}"
+
+
+# ----------------------------------------------------------------------------- a real `ray start` cluster
+
+def test_ray_job_submit_gives_identical_shards(baseline, tiny_model, synthetic_path, tmp_path):
+    """`ray start --head` + `ray job submit` of the launcher writes the same bytes as the embedded run."""
+    gcs, dash, client, agent_http, agent_grpc, runtime_env_agent, metrics = _free_ports(7)
+    ray_tmp = tempfile.mkdtemp(prefix="dpoJ", dir="/tmp")  # its own temp dir: short socket paths, no crosstalk
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # --block keeps `ray start` as the parent of the cluster, so the test stops exactly its own
+    # processes (`ray stop` would kill every Ray process on the machine, other users' included).
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--runtime-env-agent-port", str(runtime_env_agent), "--metrics-export-port", str(metrics),
+         "--node-ip-address", "127.0.0.1", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "ray_start.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert head.poll() is None, (tmp_path / "ray_start.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "dashboard did not come up in 90 s"
+                time.sleep(0.5)
+        cache = tmp_path / "cache"
+        runtime_env = {"working_dir": str(REPO),
+                       "excludes": [".venv", ".git", ".cache", ".pytest_cache", "**/__pycache__", "*.egg-info",
+                                    "runs", "outputs", "build"],
+                       "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+        job = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+             "--runtime-env-json", json.dumps(runtime_env), "--", "bash", "-c",
+             "python -c 'import sys; print(\"job python:\", sys.executable)' && "
+             + shlex.join(["python", "launchers/score_ref.py", *_overrides(tiny_model, synthetic_path, cache, *SYNTHETIC)])],
+            env=env, capture_output=True, text=True, timeout=300)
+        log = job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in log, log[-4000:]
+        assert f"job python: {VENV_BIN / 'python'}" in log, log[-4000:]  # the job ran with the venv's python
+    finally:
+        cluster = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        _kill_pids([p for p in cluster if p.is_running()])
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert _shard_hashes(cache) == _shard_hashes(baseline)
+    for split in ("train", "eval"):
+        for entry in load_manifest(cache).shard_entries(split):
+            assert read_shard(cache / split / entry["name"]).equals(read_shard(baseline / split / entry["name"]))
+    assert load_manifest(cache).splits["train"]["report"] == load_manifest(baseline).splits["train"]["report"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_model, synthetic_path, tmp_path, capfd):
+    """SIGKILL a RefScorer while it scores a shard: the shard is retried on a new actor; same bytes."""
+    cache = tmp_path / "cache"
+    killed: dict = {}
+    stop = threading.Event()
+
+    def kill_a_busy_actor():
+        me = psutil.Process()
+        while not stop.is_set():
+            if _manifest_shards(cache) >= 1:
+                busy = [p for p in me.children(recursive=True) if _cmdline(p).startswith("ray::RefScorer.score")]
+                if busy:
+                    killed["pid"] = busy[0].pid
+                    os.kill(busy[0].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=kill_a_busy_actor, daemon=True)
+    thread.start()
+    try:
+        result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
+    finally:
+        stop.set()
+        thread.join()
+    assert "pid" in killed, "the run finished before an actor could be killed"
+    out = capfd.readouterr()
+    assert "actor died on shard" in out.out + out.err
+    assert result.skipped_shards == 0 and verify(cache) == []
+    assert _shard_hashes(cache) == _shard_hashes(baseline)
+
+
+def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthetic_path, tmp_path):
+    """SIGKILL `dpo-dist score` after a few shards; the rerun skips them and ends with the same bytes."""
+    cache = tmp_path / "cache"
+    log = open(tmp_path / "score.log", "wb")
+    driver = subprocess.Popen([str(VENV_BIN / "dpo-dist"), "score", *_overrides(tiny_model, synthetic_path, cache, *SYNTHETIC)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    descendants = []
+    try:
+        deadline = time.monotonic() + 120
+        while _manifest_shards(cache) < 3:
+            assert driver.poll() is None, (tmp_path / "score.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        descendants = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        _kill_pids([p for p in descendants if p.is_running()])  # what is left of its embedded cluster
+    done = _shard_hashes(cache)
+    assert 3 <= len(done) < len(_shard_hashes(baseline))
+    assert load_manifest(cache).splits["train"]["num_shards"] is None  # the killed run never finished
+
+    result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
+    assert result.skipped_shards >= len(done) > 0
+    assert result.skipped_shards + result.scored_shards == len(_shard_hashes(baseline))
+    assert _shard_hashes(cache) == _shard_hashes(baseline)
+    assert cli_main(["cache", "info", str(cache), "--verify"]) == 0
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def _file_bytes(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_refuses_other_fingerprint_and_overwrites_when_asked(baseline, tiny_model, synthetic_path, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(baseline, cache)
+    before = _file_bytes(cache)
+    with pytest.raises(CacheError, match=r"\bmax_length\b") as refused:
+        run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_length=384"))
+    assert "overwrite" in str(refused.value)
+    assert _file_bytes(cache) == before  # manifest and shards untouched
+
+    result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_length=384",
+                              "score.shard_size=128", "score.overwrite=true"))
+    manifest = load_manifest(cache)
+    assert manifest.fingerprint["max_length"] == 384 and verify(cache) == []
+    assert result.skipped_shards == 0 and manifest.rows("train") + manifest.rows("eval") == 600
+    arrow_files = sorted(p.relative_to(cache) for p in cache.rglob("*.arrow"))
+    listed = sorted(Path(s) / e["name"] for s in ("train", "eval") for e in manifest.shard_entries(s))
+    assert arrow_files == listed  # the old 16-pair shards are gone
+
+
+@pytest.mark.parametrize("what", ["model", "data"])
+def test_missing_path_fails_before_ray_starts(what, tiny_model, synthetic_path, tmp_path):
+    missing = tmp_path / f"no-such-{what}"
+    model, data = (missing, synthetic_path) if what == "model" else (tiny_model, missing.with_suffix(".jsonl"))
+    start = time.monotonic()
+    proc = subprocess.run([str(VENV_BIN / "dpo-dist"), "score", *_overrides(model, data, tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=60)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    assert str(model if what == "model" else data) in proc.stderr
+    assert "Ray" not in proc.stderr and seconds < 5, f"{seconds:.1f}s: {proc.stderr[-2000:]}"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_verify_names_a_corrupted_shard(baseline, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(baseline, cache)
+    shard = cache / "train" / "shard-00003.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["cache", "info", str(cache), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard}: checksum mismatch" in out and "verify: 1 problem(s)" in out
