@@ -35,10 +35,11 @@ class NullWriter:
 
 
 class TBWriter:
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.w = SummaryWriter(str(logdir))
+        # purge_step: on resume, TensorBoard hides what a crashed run logged after its last checkpoint.
+        self.w = SummaryWriter(str(logdir), purge_step=purge_step)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self.w.add_scalar(tag, value, step)
@@ -61,8 +62,8 @@ class TBWriter:
         self.w.close()
 
 
-def make_writer(logdir: Path, is_main: bool):
-    return TBWriter(logdir) if is_main else NullWriter()
+def make_writer(logdir: Path, is_main: bool, purge_step: int | None = None):
+    return TBWriter(logdir, purge_step) if is_main else NullWriter()
 
 
 def memory_gb(device: str) -> float:

@@ -200,37 +200,60 @@ class RefScorer:
         return os.getpid()
 
     def score(self, task: ShardTask) -> dict:
-        """Tokenize, batch by length, forward; rows in source order plus shard statistics."""
+        """Tokenize, batch sequences by length, forward; rows in source order plus shard statistics.
+
+        Each pair gives two sequences, prompt + chosen and prompt + rejected, batched by their own
+        lengths rather than as a [chosen; rejected] pair: a pair padded to its longer side caps
+        padding efficiency at 0.89 on HH-RLHF, sequences alone reach 0.93 (bench/bench_score.py).
+        """
         import torch
 
         from dpo_dist.batching import length_batches
-        from dpo_dist.logps import concat_batch, concatenated_forward, split_chosen_rejected
+        from dpo_dist.logps import concatenated_forward
         from dpo_dist.tokenize import TokenizeReport, tokenize_pair
 
         report = TokenizeReport()
         tokenized = [tokenize_pair(self.tokenizer, p, report=report, **self.tok_args) for p in task.pairs]
-        lengths = [len(t.prompt_input_ids) + max(len(t.chosen_input_ids), len(t.rejected_input_ids)) for t in tokenized]
-        rows: list[dict | None] = [None] * len(tokenized)
+        # Sequence 2i is pair i's prompt + chosen, 2i + 1 its prompt + rejected.
+        sequences = [(t.prompt_input_ids, r) for t in tokenized for r in (t.chosen_input_ids, t.rejected_input_ids)]
+        logps, counts = [0.0] * len(sequences), [0] * len(sequences)
         real = padded = 0
         start = time.perf_counter()
         with torch.inference_mode():
-            for batch_ids in length_batches(lengths, self.token_budget):
-                examples = [asdict(tokenized[i]) for i in batch_ids]
-                batch = {k: v.to(self.device) for k, v in concat_batch(examples, self.pad_id).items()}
-                logps, counts = concatenated_forward(self.model, batch)
+            for batch_ids in length_batches([len(p) + len(r) for p, r in sequences], self.token_budget, rows_per_item=1):
+                batch = {k: v.to(self.device) for k, v in sequence_batch([sequences[i] for i in batch_ids], self.pad_id).items()}
+                batch_logps, batch_counts = concatenated_forward(self.model, batch)  # (B,), (B,)
                 real += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
-                chosen, rejected = split_chosen_rejected(logps.float().cpu())
-                n_chosen, n_rejected = split_chosen_rejected(counts.cpu())
                 for j, i in enumerate(batch_ids):
-                    t = tokenized[i]
-                    rows[i] = {"id": t.id, "row": task.pairs[i].row, "prompt_input_ids": t.prompt_input_ids,
-                               "chosen_input_ids": t.chosen_input_ids, "rejected_input_ids": t.rejected_input_ids,
-                               "ref_chosen_logps": float(chosen[j]), "ref_rejected_logps": float(rejected[j]),
-                               "chosen_num_tokens": int(n_chosen[j]), "rejected_num_tokens": int(n_rejected[j]),
-                               "prompt_truncated": t.prompt_truncated, "response_truncated": t.response_truncated}
+                    logps[i], counts[i] = float(batch_logps[j]), int(batch_counts[j])
+        rows = [{"id": t.id, "row": task.pairs[i].row, "prompt_input_ids": t.prompt_input_ids,
+                 "chosen_input_ids": t.chosen_input_ids, "rejected_input_ids": t.rejected_input_ids,
+                 "ref_chosen_logps": logps[2 * i], "ref_rejected_logps": logps[2 * i + 1],
+                 "chosen_num_tokens": counts[2 * i], "rejected_num_tokens": counts[2 * i + 1],
+                 "prompt_truncated": t.prompt_truncated, "response_truncated": t.response_truncated}
+                for i, t in enumerate(tokenized)]
         return {"rows": rows, "tokenize": report.to_dict(), "real_tokens": real, "padded_tokens": padded,
                 "forward_seconds": time.perf_counter() - start}
+
+
+def sequence_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
+    """Right-padded (B, T) input_ids, attention_mask and labels (-100 on prompt and padding) for
+    (prompt_ids, response_ids) sequences: concat_batch's layout, one row per sequence."""
+    import torch
+
+    from dpo_dist.logps import IGNORE_INDEX
+
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        labels[i, len(prompt):n] = torch.tensor(response, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 # ----------------------------------------------------------------------------- driver

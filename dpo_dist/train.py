@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -113,6 +114,15 @@ def count_params(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
+
+
+def local_param_fraction(model) -> float:
+    """Share of all parameter elements held by this rank (1.0 unpartitioned, ~1/world under ZeRO-3)."""
+    full = local = 0
+    for p in model.parameters():
+        full += getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return local / max(full, 1)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -314,13 +324,14 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     model, _hf_ds = load_policy(cfg, ds_config, dist)
     n_params, n_trainable = count_params(model)
     engine = build_engine(model, ds_config, t, total_steps)
+    local_fraction = all_reduce_mean({"f": local_param_fraction(engine.module)}, dist)["f"]
 
-    writer = make_writer(out_dir / "tb", dist.is_main)
     start_step = 0
     if resume and latest_tag(ckpt_dir):
         state = engine.load(ckpt_dir)
         start_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
+    writer = make_writer(out_dir / "tb", dist.is_main, purge_step=start_step + 1 if start_step else None)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -330,7 +341,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
               f"per step: {plan.global_batch} pairs = micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} "
               f"x world {dist.world_size}, ~{int(2 * plan.global_batch * mean_len):,} tokens; {total_steps} steps "
               f"({plan.steps_per_epoch}/epoch, {plan.dropped_per_epoch} pairs/epoch left over); "
-              f"params {n_params:,} ({n_trainable:,} trainable); ZeRO stage {ds_config['zero_optimization']['stage']}"
+              f"params {n_params:,} ({n_trainable:,} trainable); ZeRO stage {ds_config['zero_optimization']['stage']}, "
+              f"each rank holds {local_fraction:.0%} of the weights"
               + (f"; resuming at step {start_step}" if start_step else ""), flush=True)
 
     from tqdm import tqdm
@@ -347,6 +359,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         if epoch not in epoch_cache:
             epoch_cache = {epoch: plan.epoch_micro_batches(epoch, lengths)}
         started = time.perf_counter()
+        lr = engine.lr()  # the rate this step uses (the scheduler moves on at the step)
         sums: dict[str, float] = {}
         tokens = 0
         for micro in plan.rank_step(epoch_cache[epoch], in_epoch, dist.rank):
@@ -373,7 +386,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         elapsed = time.perf_counter() - started
         metrics = all_reduce_mean(sums, dist)
         total_tokens = all_reduce_sum({"tokens": tokens}, dist)["tokens"]
-        metrics.update({"lr": engine.lr(), "grad_norm": engine.grad_norm(), "tokens_per_sec": total_tokens / elapsed,
+        metrics.update({"lr": lr, "grad_norm": engine.grad_norm(), "tokens_per_sec": total_tokens / elapsed,
                         "pairs_per_sec": plan.global_batch / elapsed, "memory_gb": memory_gb(dist.device)})
         utilisation = mfu(n_params, n_trainable, total_tokens / elapsed / dist.world_size, peak)
         if utilisation is not None:
@@ -388,11 +401,13 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
             writer.add_scalars_dict("eval", eval_metrics, done)
         if (t.save_steps and done % t.save_steps == 0) or done == total_steps:
             save_checkpoint(engine, ckpt_dir, done, plan, dist, t.keep_last)
+        if os.environ.get("DPO_DIST_CRASH_AFTER_STEP") == str(done):  # failure injection for resume tests
+            raise SystemExit(f"DPO_DIST_CRASH_AFTER_STEP={done}: simulated crash")
     progress.close()
     eval_metrics = evaluate(engine, eval_split, cfg, dist, pad_id)
     writer.add_scalars_dict("eval", eval_metrics, total_steps)
     export_dir = export_model(engine, cfg, tokenizer, dist) if cfg.export.enabled else None
-    final = {"steps": total_steps, "train": metrics, "eval": eval_metrics, "export_dir": str(export_dir) if export_dir else None}
+    final = {"steps": total_steps, "world_size": dist.world_size, "local_param_fraction": local_fraction, "train": metrics, "eval": eval_metrics, "export_dir": str(export_dir) if export_dir else None}
     if dist.is_main:
         writer.add_hparams(flatten({"loss": cfg.loss.__dict__, "train": {"lr": t.lr, "micro_batch_size": t.micro_batch_size,
                                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "world_size": dist.world_size}}),

@@ -84,7 +84,7 @@ setup_auth() {
             install -d -o munge -g munge -m 0755 /run/munge
             install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge 2>/dev/null || true
             log "starting munged"
-            if runuser -u munge -- /usr/sbin/munged >&2; then
+            if runuser -u munge -- /usr/sbin/munged >&2 9>&-; then
                 for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
             fi
             if munge_ok; then
@@ -182,9 +182,9 @@ do_start() {
     export SLURM_CONF=$CONF
     log "starting slurmctld (port $CTLD_PORT) and slurmd ${NODES[*]} (ports $NODE_PORT..)"
     # -c: start clean (no jobs from an earlier run); -i: ignore unreadable state
-    slurmctld -c -i -f "$CONF" >&2 || { print_logs; die "slurmctld failed to start"; }
+    slurmctld -c -i -f "$CONF" >&2 9>&- || { print_logs; die "slurmctld failed to start"; }
     for n in "${NODES[@]}"; do
-        slurmd -N "$n" -f "$CONF" >&2 || { print_logs; die "slurmd -N $n failed to start"; }
+        slurmd -N "$n" -f "$CONF" >&2 9>&- || { print_logs; die "slurmd -N $n failed to start"; }
     done
     local t0=$SECONDS idle
     while :; do
@@ -247,7 +247,8 @@ do_status() {
     SLURM_CONF=$CONF squeue
 }
 
-# serialize start/stop of one STATE_DIR (e.g. several pytest workers)
+# serialize start/stop of one STATE_DIR (e.g. several pytest workers); daemons get 9>&-
+# so that they do not hold the lock
 locked() {
     mkdir -p "$STATE_DIR"
     if have flock; then

@@ -1,0 +1,173 @@
+"""Reference scoring: throughput of `run_scoring` (Ray) against a plain in-process forward loop,
+and padding efficiency of the batching, on the HH-RLHF harmless-base test file.
+
+    .venv/bin/python bench/bench_score.py                      # ~3 min on 2 CPU cores
+    .venv/bin/python bench/bench_score.py --hidden-size 128 --layers 2 --max-samples 800   # quicker
+
+What is timed (both sides exclude Ray start-up, actor start and model load):
+- scorer: `run_scoring` with 1 CPU actor of `--threads` torch threads, end to end through the driver
+  (tokenize in the actor, length batching, forward, rows back over Ray, Arrow shard write + fsync,
+  manifest). The first shard carries actor start and model load, so the clock runs from the moment
+  shard 0 is written to the moment the last one is: tokens of shards 1..N-1 over that time.
+- plain loop: the same model and dtype in this process, same torch threads, over the same pairs of
+  shards 1..N-1 (token ids read back from the cache, so no tokenization), the same length batches
+  under the same token budget; only batch building + forward + log-probs are timed.
+Tokens are real (attention-mask) tokens. Padding efficiency = real / padded tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+HH = REPO.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+
+
+def pair_batches_in_order(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Batches in source order under the same budget: (pairs x 2 rows x longest) <= budget."""
+    batches, current, width = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and (len(current) + 1) * 2 * max(width, n) > token_budget:
+            batches.append(current)
+            current, width = [], 0
+        current.append(i)
+        width = max(width, n)
+    return batches + ([current] if current else [])
+
+
+def padding_table(tokenized, shard_size: int, token_budget: int) -> list[tuple[str, float]]:
+    """Real / padded tokens of the concatenated forward batches, per batching scheme, within shards."""
+    from dpo_dist.batching import length_batches
+
+    totals = {"pairs, source order": [0, 0], "pairs, length-sorted": [0, 0], "sequences, length-sorted (scorer)": [0, 0]}
+    for start in range(0, len(tokenized), shard_size):
+        shard = tokenized[start : start + shard_size]
+        p = [len(t.prompt_input_ids) for t in shard]
+        rows = [(p[i] + len(t.chosen_input_ids), p[i] + len(t.rejected_input_ids)) for i, t in enumerate(shard)]
+        pair_len = [max(r) for r in rows]
+        for name, batches in (("pairs, source order", pair_batches_in_order(pair_len, token_budget)),
+                              ("pairs, length-sorted", length_batches(pair_len, token_budget))):
+            totals[name][0] += sum(sum(rows[i]) for b in batches for i in b)
+            totals[name][1] += sum(2 * len(b) * max(pair_len[i] for i in b) for b in batches)
+        seq_len = [n for r in rows for n in r]
+        for b in length_batches(seq_len, token_budget, rows_per_item=1):
+            totals["sequences, length-sorted (scorer)"][0] += sum(seq_len[i] for i in b)
+            totals["sequences, length-sorted (scorer)"][1] += len(b) * max(seq_len[i] for i in b)
+    return [(name, real / padded) for name, (real, padded) in totals.items()]
+
+
+def plain_loop(model_dir: Path, rows: list[dict], token_budget: int, threads: int, pairs_together: bool) -> tuple[int, float]:
+    """(real tokens, seconds) of a batched forward over `rows` (cache rows), length-batched like the scorer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist.batching import length_batches
+    from dpo_dist.logps import concat_batch, concatenated_forward
+    from dpo_dist.score import sequence_batch
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    if pairs_together:
+        lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows]
+        batches = [concat_batch([rows[i] for i in b], 2) for b in length_batches(lengths, token_budget)]
+    else:
+        seqs = [(r["prompt_input_ids"], r[k]) for r in rows for k in ("chosen_input_ids", "rejected_input_ids")]
+        batches = [sequence_batch([seqs[i] for i in b], 2) for b in length_batches([len(p) + len(s) for p, s in seqs], token_budget, rows_per_item=1)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    with torch.inference_mode():
+        concatenated_forward(model, batches[-1])  # warm-up (the scorer's warm-up is its first shard)
+        start = time.perf_counter()
+        for batch in batches:
+            concatenated_forward(model, batch)
+        return tokens, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hh", default=str(HH), help="HH-RLHF jsonl.gz file")
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--shard-size", type=int, default=512)
+    parser.add_argument("--token-budget", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the actor and of the plain loop")
+    args = parser.parse_args()
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("RAY_AUTH_MODE", "disabled")):
+        os.environ.setdefault(k, v)
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from dpo_dist import cache as cache_mod
+    from dpo_dist.config import load_config
+    from dpo_dist.data import iter_pairs
+    from dpo_dist.score import run_scoring
+    from dpo_dist.tiny import count_parameters, write_tiny_model
+    from dpo_dist.tokenize import tokenize_pair
+
+    work = Path(tempfile.mkdtemp(prefix="bench_score."))
+    model_dir = write_tiny_model(work / "model", hidden_size=args.hidden_size, num_layers=args.layers)
+    print(f"model: llama hidden {args.hidden_size}, {args.layers} layers, {count_parameters(model_dir):,} parameters, float32")
+
+    # Padding efficiency on the HH length distribution (tokenization only, no model).
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenized = [tokenize_pair(tokenizer, p, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+                 for p in iter_pairs(args.hh, max_samples=args.max_samples)]
+    print(f"\npadding efficiency, {len(tokenized)} HH pairs, max_length {args.max_length}, "
+          f"token budget {args.token_budget}, shards of {args.shard_size}:")
+    for name, eff in padding_table(tokenized, args.shard_size, args.token_budget):
+        print(f"  {name:<36} {eff:.3f}")
+
+    # The scorer: embedded Ray started here (not timed), 1 actor.
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    written: list[tuple[str, float]] = []
+    real_write = cache_mod.write_shard
+
+    def timed_write(path, rows):
+        entry = real_write(path, rows)
+        written.append((path.name, time.perf_counter()))
+        return entry
+
+    cache_mod.write_shard = timed_write
+    cache = work / "cache"
+    overrides = [f"model.name_or_path={model_dir}", f"data.train={args.hh}", f"cache_dir={cache}",
+                 f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_prompt_length}",
+                 f"score.shard_size={args.shard_size}", f"score.token_budget={args.token_budget}",
+                 "score.cpu_actors=1", f"score.threads_per_actor={args.threads}", "score.dtype=float32"]
+    if args.max_samples:
+        overrides.append(f"data.max_samples={args.max_samples}")
+    result = run_scoring(load_config(None, overrides))
+    cache_mod.write_shard = real_write
+    ray.shutdown()
+    manifest = cache_mod.load_manifest(cache)
+    entries = {e["name"]: e for e in manifest.shard_entries("train")}
+    assert len(written) >= 2, "need at least 2 shards (one is the warm-up)"
+    scorer_tokens = sum(entries[name]["real_tokens"] for name, _ in written[1:])
+    scorer_seconds = written[-1][1] - written[0][1]
+    rows = [r for name, _ in written[1:] for r in cache_mod.read_shard(cache / "train" / name).to_pylist()]
+
+    plain_tokens, plain_seconds = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False)
+    pair_tokens, pair_seconds = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=True)
+    assert plain_tokens == scorer_tokens == pair_tokens, (plain_tokens, scorer_tokens, pair_tokens)
+
+    scorer_tps, plain_tps, pair_tps = scorer_tokens / scorer_seconds, plain_tokens / plain_seconds, pair_tokens / pair_seconds
+    print(f"\nthroughput over shards 1..{len(written) - 1} ({len(rows)} pairs, {plain_tokens:,} real tokens), "
+          f"{args.threads} torch threads:")
+    print(f"  {'':<44} {'tokens/s':>10} {'seconds':>8} {'ratio':>6}")
+    print(f"  {'plain loop, sequences length-sorted':<44} {plain_tps:>10,.0f} {plain_seconds:>8.2f} {1.0:>6.3f}")
+    print(f"  {'dpo-dist run_scoring (Ray, 1 actor)':<44} {scorer_tps:>10,.0f} {scorer_seconds:>8.2f} {scorer_tps / plain_tps:>6.3f}")
+    print(f"  {'plain loop, [chosen; rejected] pairs sorted':<44} {pair_tps:>10,.0f} {pair_seconds:>8.2f} {pair_tps / plain_tps:>6.3f}")
+    print(f"\nscorer wall time incl. actor start + model load: {result.seconds:.1f}s for {result.pairs} pairs; "
+          f"cache padding efficiency {manifest.splits['train']['report']['padding_efficiency']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
