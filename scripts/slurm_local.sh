@@ -201,17 +201,27 @@ do_start() {
     echo "export SLURM_CONF=$CONF"
 }
 
-# kill a daemon from its pid file and wait for it to exit
-stop_pidfile() {
-    local f=$1 p
-    [[ -f $f ]] || return 0
-    p=$(cat "$f" 2>/dev/null || true)
-    if [[ -n $p ]] && kill -0 "$p" 2>/dev/null; then
-        kill -TERM "$p" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null || true
-    fi
-    rm -f "$f"
+# TERM the daemons of the given pid files at once (each takes 1-2 s to exit), wait up to 10 s,
+# then KILL what is left
+stop_pidfiles() {
+    local f p pids=()
+    for f in "$@"; do
+        [[ -f $f ]] || continue
+        p=$(cat "$f" 2>/dev/null || true)
+        if [[ -n $p ]] && kill -0 "$p" 2>/dev/null; then
+            kill -TERM "$p" 2>/dev/null || true
+            pids+=("$p")
+        fi
+        rm -f "$f"
+    done
+    for _ in $(seq 100); do
+        local left=()
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
+        pids=("${left[@]}")
+        ((${#pids[@]} == 0)) && return 0
+        sleep 0.1
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 do_stop() {
@@ -231,13 +241,12 @@ do_stop() {
             done
         fi
     fi
-    local n
-    for n in "${NODES[@]}"; do stop_pidfile "$STATE_DIR/slurmd-$n.pid"; done
-    stop_pidfile "$STATE_DIR/slurmctld.pid"
-    if [[ -f $STATE_DIR/munged.started ]]; then
-        stop_pidfile /run/munge/munged.pid
-        rm -f "$STATE_DIR/munged.started"
-    fi
+    local n files=("$STATE_DIR/slurmctld.pid")
+    for n in "${NODES[@]}"; do files+=("$STATE_DIR/slurmd-$n.pid"); done
+    # stop munged only if this script started it
+    [[ -f $STATE_DIR/munged.started ]] && files+=(/run/munge/munged.pid)
+    stop_pidfiles "${files[@]}"
+    rm -f "$STATE_DIR/munged.started"
     [[ -n $quiet ]] || log "stopped cluster in $STATE_DIR"
 }
 

@@ -51,7 +51,7 @@ def base(out: str, *more: str) -> list[str]:
     return ["model.name_or_path=model", "data.train=train.jsonl", "data.eval=eval.jsonl", "cache_dir=cache",
             f"output_dir={out}", f"train.deepspeed_config={REPO}/ds_configs/zero3_bf16.json",
             "train.micro_batch_size=4", "train.gradient_accumulation_steps=2", "train.lr=1e-3",
-            "train.warmup_steps=2", "train.max_steps=16", "train.save_steps=8", "train.seed=7", *more]
+            "train.warmup_steps=2", "train.max_steps=16", "train.save_steps=8", "train.eval_steps=8", "train.seed=7", *more]
 
 
 def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
@@ -125,7 +125,8 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(work, learned):
 
 def test_lora_run_exports_an_adapter_and_a_merged_model(work):
     run(DPO + ["train", *base("run_lora", "train.max_steps=4", "model.lora.enabled=true", "model.lora.r=8",
-                                "model.lora.target_modules=[q_proj, v_proj]", "model.lora.merge_on_export=true")], work)
+                                "model.lora.target_modules=[q_proj, v_proj]", "model.lora.merge_on_export=true",
+                                "model.gradient_checkpointing=true", "train.lr_scheduler=cosine")], work)
     export = work / "run_lora" / "export"
     assert (export / "adapter_config.json").exists() and (export / "adapter_model.safetensors").exists()
     from peft import PeftModel
@@ -171,3 +172,13 @@ def test_step0_identity_stops_a_run_whose_cache_values_are_wrong(work):
     proc = run(DPO + ["train", *base("run_bad", "cache_dir=cache_bad", "train.max_steps=2")], work, check=False)
     assert proc.returncode != 0
     assert "step-0 identity failed" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("ds_config", ["zero2_bf16.json", "zero3_bf16_offload.json"])
+def test_other_shipped_deepspeed_configs_train(work, ds_config):
+    out = f"run_{ds_config.split('.')[0]}"
+    proc = run(DPO + ["train", *base(out, f"train.deepspeed_config={REPO}/ds_configs/{ds_config}",
+                                      "train.max_steps=2", "export.enabled=false")], work)
+    final = json.loads((work / out / "final_metrics.json").read_text())
+    assert final["steps"] == 2 and final["export_dir"] is None
+    assert "step-0 identity: loss 0.69" in proc.stdout + proc.stderr
