@@ -9,6 +9,18 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
+DPO    := $(VENV)/bin/dpo-dist
+DEMO   ?= outputs/demo
+# make demo DATA=path/to/hh.jsonl.gz: the same pipeline on HH-RLHF data (first 600 pairs, 5% held out).
+DATA   ?=
+ifeq ($(strip $(DATA)),)
+DEMO_OVERRIDES :=
+else
+DEMO_OVERRIDES := data.train=$(abspath $(DATA)) data.eval= data.eval_fraction=0.05 data.format=hh \
+                  data.max_samples=600 output_dir=$(DEMO)/run-data cache_dir=$(DEMO)/cache-data
+endif
+export HF_HUB_OFFLINE ?= 1
+
 .PHONY: install test test-fast demo bench clean
 
 install: $(VENV)/.installed
@@ -25,6 +37,15 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+demo: install
+	test -f $(DEMO)/model/config.json || $(DPO) tiny-model $(DEMO)/model --seed 0
+	test -f $(DEMO)/train.jsonl || $(DPO) synthetic $(DEMO)/train.jsonl --n 480 --seed 1
+	test -f $(DEMO)/eval.jsonl || $(DPO) synthetic $(DEMO)/eval.jsonl --n 96 --seed 2 --split eval
+	$(DPO) run --config configs/demo.yaml $(DEMO_OVERRIDES)
+
+bench: install
+	$(PY) bench/bench_score.py
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

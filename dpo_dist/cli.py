@@ -42,12 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint if any")
     p.set_defaults(run=_train)
 
+    p = sub.add_parser("run", help="score (if needed), train, export on this machine; rerun to resume")
+    _add_config_args(p)
+    p.set_defaults(run=_run)
+
     p = sub.add_parser("cache", help="inspect a reference cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     info = cache_sub.add_parser("info", help="print the manifest summary; --verify checks every shard")
     info.add_argument("dir", help="cache directory (holds manifest.json)")
     info.add_argument("--verify", action="store_true", help="check every shard's checksum and row count")
     info.set_defaults(run=_cache_info)
+    ready = cache_sub.add_parser("ready", help="exit 0 when the cache of CONFIG is complete, intact and matches it (no Ray)")
+    _add_config_args(ready)
+    ready.set_defaults(run=_cache_ready)
     return parser
 
 
@@ -74,6 +81,21 @@ def _train(args) -> int:
 
     cfg = _load(args)  # validate before starting processes
     return run_torchrun(cfg, args.config, args.overrides, resume=args.resume)
+
+
+def _run(args) -> int:
+    from dpo_dist.pipeline import run_pipeline
+
+    return run_pipeline(_load(args), args.config, args.overrides)
+
+
+def _cache_ready(args) -> int:
+    from dpo_dist.pipeline import cache_ready
+
+    cfg = _load(args)
+    ok = cache_ready(cfg)
+    print(f"cache {cfg.resolved_cache_dir()}: {'ready' if ok else 'not ready (missing, incomplete or built for another config)'}")
+    return 0 if ok else 1
 
 
 def _cache_info(args) -> int:

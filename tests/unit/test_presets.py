@@ -1,0 +1,42 @@
+"""Every preset parses, resolves and passes the batch arithmetic on its intended cluster (no download)."""
+from pathlib import Path
+
+import pytest
+
+from dpo_dist.config import load_config
+from dpo_dist.engine import fill_ds_config, load_ds_json
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.stem for p in PRESETS}
+    assert {"demo", "smollm2_135m_lora_hh", "pythia28b_hh", "pythia28b_lora_hh", "opt350m_lora"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_resolves(path):
+    cfg = load_config(str(path))
+    ds = load_ds_json(str(REPO / cfg.train.deepspeed_config))
+    world = 2 if path.stem == "demo" else 8
+    filled = fill_ds_config(ds, cfg.train, world_size=world, hidden_size=1024, has_gpu=path.stem != "demo")
+    assert filled["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world
+    assert cfg.model.name_or_path and cfg.data.train
+
+
+def test_recipe_values_are_as_documented():
+    smol = load_config(str(REPO / "configs/smollm2_135m_lora_hh.yaml"))
+    assert (smol.model.lora.r, smol.model.lora.alpha, smol.loss.beta, smol.train.lr) == (16, 16, 0.1, 5e-5)
+    assert (smol.data.max_length, smol.data.max_prompt_length, smol.train.seed) == (1024, 512, 3407)
+    assert set(smol.model.lora.target_modules) >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    pythia = load_config(str(REPO / "configs/pythia28b_hh.yaml"))
+    assert (pythia.loss.beta, pythia.train.lr, pythia.train.warmup_steps, pythia.train.max_grad_norm) == (0.1, 5e-7, 150, 10.0)
+    assert pythia.train.global_batch_size == 64 and pythia.model.ref_name_or_path
+    assert (pythia.data.max_length, pythia.data.max_prompt_length, pythia.data.truncation_mode) == (512, 256, "keep_end")
+    lora = load_config(str(REPO / "configs/pythia28b_lora_hh.yaml"))
+    assert (lora.loss.beta, lora.train.lr, lora.data.max_prompt_length) == (0.2, 1e-5, 358)
+    assert (lora.model.lora.r, lora.model.lora.alpha, lora.model.lora.dropout) == (16, 32, 0.1)
+    assert (lora.train.micro_batch_size, lora.train.gradient_accumulation_steps) == (4, 4)
+    opt = load_config(str(REPO / "configs/opt350m_lora.yaml"))
+    assert opt.model.lora.target_modules == ["q_proj", "v_proj"] and opt.train.epochs == 3 and opt.train.lr == 2e-5
