@@ -288,3 +288,7 @@ def config_reference() -> str:
 
     walk(Config, "")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m dpo_dist.config  -> the README's config reference
+    print(config_reference())

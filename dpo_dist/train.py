@@ -315,6 +315,13 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
                          f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
     total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
     policy_is_ref = cfg.model.ref_name_or_path in (None, cfg.model.name_or_path)
+    final_file = out_dir / "final_metrics.json"
+    if resume and latest_tag(ckpt_dir) == f"step-{total_steps}" and final_file.exists() and (
+            not cfg.export.enabled or cfg.export_dir().exists()):
+        if dist.is_main:
+            print(f"[dpo-dist] training already complete ({total_steps} steps, {final_file}); nothing to do", flush=True)
+        final = json.loads(final_file.read_text())
+        return TrainResult(total_steps, final["train"], final["eval"], cfg.export_dir() if cfg.export.enabled else None)
 
     from transformers import AutoConfig
 
@@ -412,6 +419,6 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         writer.add_hparams(flatten({"loss": cfg.loss.__dict__, "train": {"lr": t.lr, "micro_batch_size": t.micro_batch_size,
                                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "world_size": dist.world_size}}),
                            {f"hparam/eval_{k.replace('/', '_')}": v for k, v in eval_metrics.items()})
-        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        final_file.write_text(json.dumps(final, indent=2))
     writer.close()
     return TrainResult(total_steps, metrics, eval_metrics, export_dir)
