@@ -110,21 +110,8 @@ def compute_init() -> Dist:
     return Dist(rank, local_rank, world, device)
 
 
-def all_reduce_mean(values: dict[str, float], dist: Dist) -> dict[str, float]:
-    """Average scalar metrics over ranks (one collective for the whole dict)."""
-    import torch
-    import torch.distributed as tdist
-
-    if dist.world_size == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=dist.device if dist.device != "cpu" else "cpu")
-    tdist.all_reduce(t)
-    return {k: float(v) / dist.world_size for k, v in zip(keys, t.tolist())}
-
-
-def all_reduce_sum(values: dict[str, float], dist: Dist) -> dict[str, float]:
+def all_reduce(values: dict[str, float], dist: Dist, op: str = "mean") -> dict[str, float]:
+    """Reduce scalar metrics over ranks in one collective: op is "mean", "sum" or "max"."""
     import torch
     import torch.distributed as tdist
 
@@ -132,8 +119,9 @@ def all_reduce_sum(values: dict[str, float], dist: Dist) -> dict[str, float]:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
-    tdist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
+    scale = dist.world_size if op == "mean" else 1
+    return {k: v / scale for k, v in zip(keys, t.tolist())}
 
 
 def barrier(dist: Dist) -> None:

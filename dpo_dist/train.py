@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dpo_dist import cache as cache_mod
 from dpo_dist.config import Config, to_yaml
-from dpo_dist.engine import (Dist, Engine, all_reduce_mean, all_reduce_sum, barrier, build_engine,
+from dpo_dist.engine import (Dist, Engine, all_reduce, barrier, build_engine,
                              compute_init, fill_ds_config, load_ds_json)
 from dpo_dist.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
 from dpo_dist.sampler import BatchPlan
@@ -172,21 +172,10 @@ def step0_check(out: dict, batch: dict, dist: Dist, tolerance: float) -> dict[st
                        (out["rejected_logps"] - batch["ref_rejected_logps"]).abs() / out["rejected_tokens"].clamp(min=1)])
     seq = torch.cat([(out["chosen_logps"] - batch["ref_chosen_logps"]).abs(),
                      (out["rejected_logps"] - batch["ref_rejected_logps"]).abs()])
-    stats = all_reduce_mean({"mean_abs_diff_per_token": float(diffs.mean()), "mean_abs_diff": float(seq.mean()),
+    stats = all_reduce({"mean_abs_diff_per_token": float(diffs.mean()), "mean_abs_diff": float(seq.mean()),
                              "loss": float(out["losses"].float().mean())}, dist)
-    stats["max_abs_diff"] = max_over_ranks(float(seq.max()), dist)
+    stats["max_abs_diff"] = all_reduce({"m": float(seq.max())}, dist, op="max")["m"]
     return stats
-
-
-def max_over_ranks(value: float, dist: Dist) -> float:
-    import torch
-    import torch.distributed as tdist
-
-    if dist.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=dist.device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return float(t.item())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -218,7 +207,7 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
                 sums[key] += value * n
             sums["pairs"] += n
     engine.train()
-    total = all_reduce_sum(sums, dist)
+    total = all_reduce(sums, dist, op="sum")
     return {k: v / total["pairs"] for k, v in total.items() if k != "pairs"}
 
 
@@ -331,7 +320,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     model, _hf_ds = load_policy(cfg, ds_config, dist)
     n_params, n_trainable = count_params(model)
     engine = build_engine(model, ds_config, t, total_steps)
-    local_fraction = all_reduce_mean({"f": local_param_fraction(engine.module)}, dist)["f"]
+    local_fraction = all_reduce({"f": local_param_fraction(engine.module)}, dist)["f"]
 
     start_step = 0
     if resume and latest_tag(ckpt_dir):
@@ -391,8 +380,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
                 sums[key] = sums.get(key, 0.0) + value / t.gradient_accumulation_steps
             tokens += int(batch["attention_mask"].sum())
         elapsed = time.perf_counter() - started
-        metrics = all_reduce_mean(sums, dist)
-        total_tokens = all_reduce_sum({"tokens": tokens}, dist)["tokens"]
+        metrics = all_reduce(sums, dist)
+        total_tokens = all_reduce({"tokens": tokens}, dist, op="sum")["tokens"]
         metrics.update({"lr": lr, "grad_norm": engine.grad_norm(), "tokens_per_sec": total_tokens / elapsed,
                         "pairs_per_sec": plan.global_batch / elapsed, "memory_gb": memory_gb(dist.device)})
         utilisation = mfu(n_params, n_trainable, total_tokens / elapsed / dist.world_size, peak)
