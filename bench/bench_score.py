@@ -10,8 +10,9 @@ What is timed (both sides exclude Ray start-up, actor start and model load):
   manifest). The first shard carries actor start and model load, so the clock runs from the moment
   shard 0 is written to the moment the last one is: tokens of shards 1..N-1 over that time.
 - plain loop: the same model and dtype in this process, same torch threads, over the same pairs of
-  shards 1..N-1 (token ids read back from the cache, so no tokenization), the same length batches
-  under the same token budget; only batch building + forward + log-probs are timed.
+  shards 1..N-1 (pre-tokenized), the same length batches under the same token budget; only batch
+  building + forward + log-probs are timed. It runs before and after the scorer and the mean is the
+  reference (the machine may be shared). "plain loop + tokenization" adds the time to tokenize them.
 Tokens are real (attention-mask) tokens. Padding efficiency = real / padded tokens.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,19 +116,30 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench_score."))
     model_dir = write_tiny_model(work / "model", hidden_size=args.hidden_size, num_layers=args.layers)
+    print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
     print(f"model: llama hidden {args.hidden_size}, {args.layers} layers, {count_parameters(model_dir):,} parameters, float32")
 
     # Padding efficiency on the HH length distribution (tokenization only, no model).
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenized = [tokenize_pair(tokenizer, p, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-                 for p in iter_pairs(args.hh, max_samples=args.max_samples)]
-    print(f"\npadding efficiency, {len(tokenized)} HH pairs, max_length {args.max_length}, "
-          f"token budget {args.token_budget}, shards of {args.shard_size}:")
+    pairs = list(iter_pairs(args.hh, max_samples=args.max_samples))
+    tokenized = [tokenize_pair(tokenizer, p, max_length=args.max_length, max_prompt_length=args.max_prompt_length) for p in pairs]
+    print(f"\npadding efficiency (real / padded tokens), {len(tokenized)} HH pairs, max_length {args.max_length}, "
+          f"token budget {args.token_budget}, length batching within shards of {args.shard_size}:")
     for name, eff in padding_table(tokenized, args.shard_size, args.token_budget):
         print(f"  {name:<36} {eff:.3f}")
 
+    # Timed pairs: shards 1..N-1 (no eval split, so shard k holds pairs [k*size, (k+1)*size)).
+    rows = [asdict(t) for t in tokenized[args.shard_size:]]
+    start = time.perf_counter()
+    for p in pairs[args.shard_size:]:
+        tokenize_pair(tokenizer, p, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    tokenize_seconds = time.perf_counter() - start
+
+    # Plain loop before and after the scorer: their mean cancels slow drift of a shared machine's load.
+    plain_tokens, plain_before = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False)
+
     # The scorer: embedded Ray started here (not timed), 1 actor.
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     written: list[tuple[str, float]] = []
     real_write = cache_mod.write_shard
 
@@ -149,23 +162,29 @@ def main() -> int:
     manifest = cache_mod.load_manifest(cache)
     entries = {e["name"]: e for e in manifest.shard_entries("train")}
     assert len(written) >= 2, "need at least 2 shards (one is the warm-up)"
+    assert [name for name, _ in written] == [cache_mod.shard_name(i) for i in range(len(written))]
     scorer_tokens = sum(entries[name]["real_tokens"] for name, _ in written[1:])
     scorer_seconds = written[-1][1] - written[0][1]
-    rows = [r for name, _ in written[1:] for r in cache_mod.read_shard(cache / "train" / name).to_pylist()]
 
-    plain_tokens, plain_seconds = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False)
+    _, plain_after = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False)
     pair_tokens, pair_seconds = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=True)
     assert plain_tokens == scorer_tokens == pair_tokens, (plain_tokens, scorer_tokens, pair_tokens)
 
-    scorer_tps, plain_tps, pair_tps = scorer_tokens / scorer_seconds, plain_tokens / plain_seconds, pair_tokens / pair_seconds
+    plain_seconds = (plain_before + plain_after) / 2
+    table = [("plain loop: sequences length-sorted (mean)", plain_seconds),
+             ("  same, run before the scorer", plain_before),
+             ("  same, run after the scorer", plain_after),
+             ("plain loop + tokenization", plain_seconds + tokenize_seconds),
+             ("plain loop: [chosen; rejected] pairs sorted", pair_seconds),
+             ("dpo-dist run_scoring (Ray, 1 actor)", scorer_seconds)]
     print(f"\nthroughput over shards 1..{len(written) - 1} ({len(rows)} pairs, {plain_tokens:,} real tokens), "
-          f"{args.threads} torch threads:")
-    print(f"  {'':<44} {'tokens/s':>10} {'seconds':>8} {'ratio':>6}")
-    print(f"  {'plain loop, sequences length-sorted':<44} {plain_tps:>10,.0f} {plain_seconds:>8.2f} {1.0:>6.3f}")
-    print(f"  {'dpo-dist run_scoring (Ray, 1 actor)':<44} {scorer_tps:>10,.0f} {scorer_seconds:>8.2f} {scorer_tps / plain_tps:>6.3f}")
-    print(f"  {'plain loop, [chosen; rejected] pairs sorted':<44} {pair_tps:>10,.0f} {pair_seconds:>8.2f} {pair_tps / plain_tps:>6.3f}")
+          f"{args.threads} torch threads; ratio = tokens/s over the plain loop's mean:")
+    print(f"  {'':<46} {'tokens/s':>10} {'seconds':>8} {'ratio':>6}")
+    for name, seconds in table:
+        print(f"  {name:<46} {plain_tokens / seconds:>10,.0f} {seconds:>8.2f} {plain_seconds / seconds:>6.3f}")
     print(f"\nscorer wall time incl. actor start + model load: {result.seconds:.1f}s for {result.pairs} pairs; "
-          f"cache padding efficiency {manifest.splits['train']['report']['padding_efficiency']}")
+          f"cache padding efficiency {manifest.splits['train']['report']['padding_efficiency']}; "
+          f"load average at end {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -335,7 +335,9 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
     result = ScoreResult(cache_dir)
     reports = {s: DataReport() for s in cache_mod.SPLITS}
     done: dict[str, int] = {}
-    idle = [new_actor() for _ in range(n_actors)]
+    # Two slots per actor: its next shard is queued while the driver writes the last one.
+    idle = [actor for actor in (new_actor() for _ in range(n_actors)) for _ in range(2)]
+    replaced: dict = {}  # dead actor -> its replacement, which inherits both of its slots
     in_flight: dict = {}
     writer = SummaryWriter(str(cache_dir / "tb"))
     progress = tqdm(total=estimate_rows(cfg.data.train), unit="pair", desc="scoring", dynamic_ncols=True)
@@ -369,8 +371,10 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
                 cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise RuntimeError(f"shard {task.split}/{task.index}: actor died {task.attempts} times; giving up ({cause})") from None
             progress.write(f"actor died on shard {task.split}/{task.index}; replacing it and retrying (attempt {task.attempts + 1})")
-            ray.kill(actor, no_restart=True)
-            submit(new_actor(), task)
+            if actor not in replaced:  # its other in-flight shard fails too: replace it once
+                ray.kill(actor, no_restart=True)
+                replaced[actor] = new_actor()
+            submit(replaced[actor], task)
             return
         record(task, out)
         progress.update(len(task.pairs))

@@ -126,7 +126,10 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(work, learned):
 def test_lora_run_exports_an_adapter_and_a_merged_model(work):
     run(DPO + ["train", *base("run_lora", "train.max_steps=4", "model.lora.enabled=true", "model.lora.r=8",
                                 "model.lora.target_modules=[q_proj, v_proj]", "model.lora.merge_on_export=true",
-                                "model.gradient_checkpointing=true", "train.lr_scheduler=cosine")], work)
+                                "model.gradient_checkpointing=true", "train.lr_scheduler=cosine",
+                                "train.save_steps=2", "train.keep_last=1")], work)
+    tags = sorted(p.name for p in (work / "run_lora" / "checkpoints").glob("step-*"))
+    assert tags == ["step-4"]  # step-2 pruned by keep_last=1
     export = work / "run_lora" / "export"
     assert (export / "adapter_config.json").exists() and (export / "adapter_model.safetensors").exists()
     from peft import PeftModel

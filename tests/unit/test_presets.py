@@ -19,7 +19,7 @@ def test_presets_exist():
 def test_preset_resolves(path):
     cfg = load_config(str(path))
     ds = load_ds_json(str(REPO / cfg.train.deepspeed_config))
-    world = 2 if path.stem == "demo" else 8
+    world = {"demo": 2, "pythia28b_hh": 16}.get(path.stem, 8)  # demo: 2 CPU processes; pythia: sbatch's 2 x 8 GPUs
     filled = fill_ds_config(ds, cfg.train, world_size=world, hidden_size=1024, has_gpu=path.stem != "demo")
     assert filled["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world
     assert cfg.model.name_or_path and cfg.data.train
