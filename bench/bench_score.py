@@ -1,7 +1,7 @@
 """Reference scoring: throughput of `run_scoring` (Ray) against a plain in-process forward loop,
 and padding efficiency of the batching, on the HH-RLHF harmless-base test file.
 
-    .venv/bin/python bench/bench_score.py                      # ~3 min on 2 CPU cores
+    .venv/bin/python bench/bench_score.py                      # ~5 min on a quiet 2-core CPU
     .venv/bin/python bench/bench_score.py --hidden-size 128 --layers 2 --max-samples 800   # quicker
 
 What is timed (both sides exclude Ray start-up, actor start and model load):
@@ -10,15 +10,17 @@ What is timed (both sides exclude Ray start-up, actor start and model load):
   manifest). The first shard carries actor start and model load, so the clock runs from the moment
   shard 0 is written to the moment the last one is: tokens of shards 1..N-1 over that time.
 - plain loop: the same model and dtype in this process, same torch threads, over the same pairs of
-  shards 1..N-1 (pre-tokenized), the same length batches under the same token budget; only batch
-  building + forward + log-probs are timed. It runs before and after the scorer and the mean is the
+  shards 1..N-1 (pre-tokenized, batches built before the clock starts), the same length batches
+  under the same token budget; only forward + log-probs are timed. It runs before and after the scorer and the mean is the
   reference (the machine may be shared). "plain loop + tokenization" adds the time to tokenize them.
 Tokens are real (attention-mask) tokens. Padding efficiency = real / padded tokens.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -63,8 +65,9 @@ def padding_table(tokenized, shard_size: int, token_budget: int) -> list[tuple[s
     return [(name, real / padded) for name, (real, padded) in totals.items()]
 
 
-def plain_loop(model_dir: Path, rows: list[dict], token_budget: int, threads: int, pairs_together: bool) -> tuple[int, float]:
-    """(real tokens, seconds) of a batched forward over `rows` (cache rows), length-batched like the scorer."""
+def plain_loop(model_dir: Path, rows: list[dict], token_budget: int, threads: int, pairs_together: bool,
+               shard_size: int) -> tuple[int, int, float]:
+    """(real tokens, padded tokens, seconds) of a batched forward over `rows`, length-batched within shards like the scorer."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -74,19 +77,25 @@ def plain_loop(model_dir: Path, rows: list[dict], token_budget: int, threads: in
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    if pairs_together:
-        lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows]
-        batches = [concat_batch([rows[i] for i in b], 2) for b in length_batches(lengths, token_budget)]
-    else:
-        seqs = [(r["prompt_input_ids"], r[k]) for r in rows for k in ("chosen_input_ids", "rejected_input_ids")]
-        batches = [sequence_batch([seqs[i] for i in b], 2) for b in length_batches([len(p) + len(s) for p, s in seqs], token_budget, rows_per_item=1)]
+    pad = model.config.pad_token_id
+    batches = []
+    for start in range(0, len(rows), shard_size):
+        shard = rows[start : start + shard_size]
+        if pairs_together:
+            lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in shard]
+            batches += [concat_batch([shard[i] for i in b], pad) for b in length_batches(lengths, token_budget)]
+        else:
+            seqs = [(r["prompt_input_ids"], r[k]) for r in shard for k in ("chosen_input_ids", "rejected_input_ids")]
+            lengths = [len(p) + len(s) for p, s in seqs]
+            batches += [sequence_batch([seqs[i] for i in b], pad) for b in length_batches(lengths, token_budget, rows_per_item=1)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["attention_mask"].numel() for b in batches)
     with torch.inference_mode():
         concatenated_forward(model, batches[-1])  # warm-up (the scorer's warm-up is its first shard)
         start = time.perf_counter()
         for batch in batches:
             concatenated_forward(model, batch)
-        return tokens, time.perf_counter() - start
+        return tokens, padded, time.perf_counter() - start
 
 
 def main() -> int:
@@ -115,6 +124,7 @@ def main() -> int:
     from dpo_dist.tokenize import tokenize_pair
 
     work = Path(tempfile.mkdtemp(prefix="bench_score."))
+    atexit.register(shutil.rmtree, work, True)
     model_dir = write_tiny_model(work / "model", hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
     print(f"model: llama hidden {args.hidden_size}, {args.layers} layers, {count_parameters(model_dir):,} parameters, float32")
@@ -136,7 +146,7 @@ def main() -> int:
     tokenize_seconds = time.perf_counter() - start
 
     # Plain loop before and after the scorer: their mean cancels slow drift of a shared machine's load.
-    plain_tokens, plain_before = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False)
+    plain_tokens, plain_padded, plain_before = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False, shard_size=args.shard_size)
 
     # The scorer: embedded Ray started here (not timed), 1 actor.
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
@@ -166,9 +176,11 @@ def main() -> int:
     scorer_tokens = sum(entries[name]["real_tokens"] for name, _ in written[1:])
     scorer_seconds = written[-1][1] - written[0][1]
 
-    _, plain_after = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False)
-    pair_tokens, pair_seconds = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=True)
+    _, _, plain_after = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=False, shard_size=args.shard_size)
+    pair_tokens, _, pair_seconds = plain_loop(model_dir, rows, args.token_budget, args.threads, pairs_together=True, shard_size=args.shard_size)
     assert plain_tokens == scorer_tokens == pair_tokens, (plain_tokens, scorer_tokens, pair_tokens)
+    scorer_padded = sum(entries[name]["padded_tokens"] for name, _ in written[1:])
+    assert plain_padded == scorer_padded, (plain_padded, scorer_padded)  # the very same batches
 
     plain_seconds = (plain_before + plain_after) / 2
     table = [("plain loop: sequences length-sorted (mean)", plain_seconds),

@@ -74,7 +74,7 @@ class ScoreConfig:
     threads_per_actor: int = opt(1, "Torch threads (and Ray CPUs) per CPU actor.")
     dtype: str = opt("auto", "Reference dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
     shard_size: int = opt(512, "Pairs per Arrow shard (the unit of work and of resume).")
-    token_budget: int = opt(16384, "Max padded tokens per forward batch (2 rows per pair).")
+    token_budget: int = opt(16384, "Max padded tokens per scoring forward batch (prompt+chosen and prompt+rejected are batched as separate rows).")
     overwrite: bool = opt(False, "Replace a cache whose fingerprint differs instead of refusing.")
     max_retries: int = opt(3, "Times a shard is retried after its actor dies.")
 

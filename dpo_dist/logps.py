@@ -44,32 +44,37 @@ def sequence_logps(
     return token_logps.sum(-1), mask.sum(-1)
 
 
+def sequence_batch(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
+                   pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch of (prompt_ids, response_ids) sequences, one row each.
+
+    Returns input_ids, attention_mask, labels: (N, T) int64; labels are -100 on the prompt and padding.
+    """
+    width = max(len(p) + len(r) for p, r in sequences)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        labels[i, len(prompt):n] = torch.tensor(list(response), dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 def concat_batch(
     examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Build the concatenated [chosen; rejected] batch used by the scorer and the trainer.
+    """Build the concatenated [chosen; rejected] batch used by the trainer.
 
     Each example holds `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (responses only).
-    Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i, right-padded.
-    Returns input_ids, attention_mask, labels: (2B, T) int64; labels are -100 on the prompt and padding.
+    Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i, right-padded: (2B, T).
     """
-    rows, label_rows = [], []
-    for key in ("chosen_input_ids", "rejected_input_ids"):
-        for ex in examples:
-            prompt, response = list(ex["prompt_input_ids"]), list(ex[key])
-            rows.append(prompt + response)
-            label_rows.append([IGNORE_INDEX] * len(prompt) + response)
-    width = max(len(r) for r in rows)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, lab) in enumerate(zip(rows, label_rows)):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    sequences = [(ex["prompt_input_ids"], ex[key]) for key in ("chosen_input_ids", "rejected_input_ids")
+                 for ex in examples]
+    return sequence_batch(sequences, pad_token_id, pad_to_multiple_of)
 
 
 def split_chosen_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +84,6 @@ def split_chosen_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def concatenated_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of the (2B, T) [chosen; rejected] batch: returns (logps_sum, num_tokens), each (2B,)."""
+    """One forward of a padded batch (sequence_batch or concat_batch): (logps_sum, num_tokens), each (N,)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (2B, T, V)
     return sequence_logps(logits, batch["labels"])

@@ -209,7 +209,7 @@ class RefScorer:
         import torch
 
         from dpo_dist.batching import length_batches
-        from dpo_dist.logps import concatenated_forward
+        from dpo_dist.logps import concatenated_forward, sequence_batch
         from dpo_dist.tokenize import TokenizeReport, tokenize_pair
 
         report = TokenizeReport()
@@ -235,25 +235,6 @@ class RefScorer:
                 for i, t in enumerate(tokenized)]
         return {"rows": rows, "tokenize": report.to_dict(), "real_tokens": real, "padded_tokens": padded,
                 "forward_seconds": time.perf_counter() - start}
-
-
-def sequence_batch(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
-    """Right-padded (B, T) input_ids, attention_mask and labels (-100 on prompt and padding) for
-    (prompt_ids, response_ids) sequences: concat_batch's layout, one row per sequence."""
-    import torch
-
-    from dpo_dist.logps import IGNORE_INDEX
-
-    width = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (prompt, response) in enumerate(sequences):
-        n = len(prompt) + len(response)
-        input_ids[i, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-        labels[i, len(prompt):n] = torch.tensor(response, dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 # ----------------------------------------------------------------------------- driver
