@@ -160,8 +160,8 @@ def verify(cache_dir: Path, check_hashes: bool = True) -> list[str]:
                 problems.append(f"{path}: missing")
             elif check_hashes and sha256_file(path) != entry["sha256"]:
                 problems.append(f"{path}: checksum mismatch (file changed or corrupt)")
-            elif check_hashes and read_shard(path).num_rows != entry["rows"]:
-                problems.append(f"{path}: {read_shard(path).num_rows} rows, manifest says {entry['rows']}")
+            elif check_hashes and (rows := read_shard(path).num_rows) != entry["rows"]:
+                problems.append(f"{path}: {rows} rows, manifest says {entry['rows']}")
     return problems
 
 
@@ -188,16 +188,22 @@ class CachedSplit:
 
 
 def open_cache(cache_dir: Path, wanted_fingerprint: dict | None = None, check_hashes: bool = True) -> Manifest:
-    """Check a cache for training: complete, intact, and (if given) built for this configuration."""
+    """Check a cache for training: complete, intact, and built for this configuration.
+
+    `wanted_fingerprint` holds the fields the caller can compute (the trainer knows its model and
+    tokenizer, not always the raw data); only those are compared.
+    """
     cache_dir = Path(cache_dir)
     manifest = load_manifest(cache_dir)
     if manifest is None:
         raise CacheError(f"{cache_dir}: no reference cache here; run `dpo-dist score --config ...` first")
     if wanted_fingerprint is not None:
-        diff = fingerprint_diff(manifest.fingerprint, wanted_fingerprint)
+        cached = {k: manifest.fingerprint.get(k) for k in wanted_fingerprint}
+        diff = fingerprint_diff(cached, wanted_fingerprint)
         if diff:
-            raise CacheError(f"{cache_dir}: cache was built for another configuration; differs in "
-                             f"{', '.join(diff)} ({describe_diff(manifest.fingerprint, wanted_fingerprint, diff)})")
+            raise CacheError(f"{cache_dir}: cache was built for another configuration, differing in "
+                             f"{', '.join(diff)} ({describe_diff(cached, wanted_fingerprint, diff)}); "
+                             "rescore with this config or point cache_dir elsewhere")
     problems = verify(cache_dir, check_hashes=check_hashes)
     if problems:
         raise CacheError(f"{cache_dir}: {problems[0]}" + (f" (+{len(problems) - 1} more; see `dpo-dist cache info --verify`)" if len(problems) > 1 else ""))

@@ -136,9 +136,8 @@ def barrier(dist: Dist) -> None:
 class Engine:
     """Thin wrapper: the training loop calls forward/backward/step/save/load only through here."""
 
-    def __init__(self, ds_engine, scheduler):
+    def __init__(self, ds_engine):
         self.ds = ds_engine
-        self.scheduler = scheduler
 
     @property
     def module(self):
@@ -203,7 +202,7 @@ def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int) -
     schedule = lr_lambda(train.warmup_steps, total_steps, train.lr_scheduler)
     # A factory: DeepSpeed calls it with its inner torch optimizer (the ZeRO wrapper is not one),
     # steps it at each optimizer step and saves it in checkpoints.
-    ds_engine, _, _, scheduler = deepspeed.initialize(
+    ds_engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-    return Engine(ds_engine, scheduler)
+    return Engine(ds_engine)

@@ -31,10 +31,6 @@ class TokenizeReport:
     response_truncated: int = 0
     boundary_mismatch: int = 0  # prompt+response did not tokenize as the joined text; tokenized apart
 
-    def add(self, other: "TokenizeReport") -> None:
-        for name in ("pairs", "prompt_truncated", "response_truncated", "boundary_mismatch"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 

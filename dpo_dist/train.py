@@ -24,9 +24,6 @@ from dpo_dist.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
 from dpo_dist.sampler import BatchPlan
 
 CKPT = "checkpoints"
-# Fingerprint fields the trainer can check from its own config (the data hash only when the source is at hand).
-TRAIN_CHECKED = ("vocab_hash", "special_tokens", "chat_template_hash", "max_length", "max_prompt_length",
-                 "truncation_mode", "ref_weights_hash", "logps_version", "cache_format")
 
 
 class Step0Error(RuntimeError):
@@ -44,6 +41,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------- checks
 
 def expected_fingerprint(cfg: Config, tokenizer, ref_dir: Path) -> dict:
+    """The fingerprint fields the trainer can check from its own config (not the raw data)."""
     from dpo_dist.logps import LOGPS_VERSION
     from dpo_dist.score import weights_hash
     from dpo_dist.tokenize import tokenizer_fingerprint
@@ -58,19 +56,7 @@ def expected_fingerprint(cfg: Config, tokenizer, ref_dir: Path) -> dict:
 
 def check_cache(cfg: Config, tokenizer, ref_dir: Path) -> cache_mod.Manifest:
     """Refuse a cache that is incomplete, corrupt, or built for another model/tokenizer/lengths."""
-    cache_dir = cfg.resolved_cache_dir()
-    manifest = cache_mod.load_manifest(cache_dir)
-    if manifest is None:
-        raise cache_mod.CacheError(f"{cache_dir}: no reference cache; run `dpo-dist score --config ...` first")
-    wanted = expected_fingerprint(cfg, tokenizer, ref_dir)
-    cached = {k: manifest.fingerprint.get(k) for k in TRAIN_CHECKED}
-    cached["special_tokens"] = manifest.fingerprint.get("special_tokens")
-    diff = cache_mod.fingerprint_diff(cached, wanted)
-    if diff:
-        raise cache_mod.CacheError(
-            f"{cache_dir}: cache was built for another configuration, differing in {', '.join(diff)} "
-            f"({cache_mod.describe_diff(cached, wanted, diff)}); rescore with this config or point cache_dir elsewhere")
-    return cache_mod.open_cache(cache_dir)
+    return cache_mod.open_cache(cfg.resolved_cache_dir(), expected_fingerprint(cfg, tokenizer, ref_dir))
 
 
 # ----------------------------------------------------------------------------- model
@@ -140,11 +126,10 @@ def collate(rows: list[dict], pad_id: int, device: str) -> dict:
 
 def dpo_forward(engine, batch: dict, cfg: Config) -> dict:
     """Policy log-probs of the concatenated batch, the loss and its per-example pieces."""
-    from dpo_dist.logps import sequence_logps, split_chosen_rejected
+    from dpo_dist.logps import concatenated_forward, split_chosen_rejected
     from dpo_dist.loss import preference_loss
 
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (2B, T, V)
-    logps, counts = sequence_logps(logits, batch["labels"])
+    logps, counts = concatenated_forward(engine, batch)  # (2B,), (2B,)
     chosen, rejected = split_chosen_rejected(logps)
     n_chosen, n_rejected = split_chosen_rejected(counts)
     losses, r_chosen, r_rejected = preference_loss(

@@ -67,7 +67,7 @@ def test_short_under_tiny_tokenizer():
     pairs = generate_pairs(500, seed=0) + generate_pairs(200, seed=0, split="eval")
     for arch in ("llama", "qwen2"):
         tok = build_tokenizer(arch)
-        encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        encode = lambda text, tok=tok: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         for p in pairs:
             prompt = len(tok(p["prompt"])["input_ids"])
             for response in (p["chosen"], p["rejected"]):
