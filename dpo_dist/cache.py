@@ -10,19 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from dpo_dist.errors import UserError
+
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: the fingerprint is identity.cache_identity (content, not names); names and shard size apart.
+FORMAT_VERSION = 2
 SPLITS = ("train", "eval")
-# Fingerprint fields shown to users but not compared (a model may move between machines).
-INFORMATIONAL = ("ref_model", "tokenizer_name", "created")
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -39,7 +38,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The cache is missing, incomplete, corrupt or built for another configuration."""
 
 
@@ -61,6 +60,7 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write to a temporary name beside `path`, fsync, rename: the file is complete or absent."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(payload)
@@ -94,17 +94,21 @@ def read_shard(path: Path) -> pa.Table:
 
 @dataclass
 class Manifest:
-    fingerprint: dict
+    fingerprint: dict  # identity.cache_identity: what the values depend on, compared on reuse
     splits: dict  # split -> {"shards": {index: entry}, "num_shards": int | None, "report": {...}}
     report: dict
+    names: dict = field(default_factory=dict)  # identity.cache_names: shown, never compared
+    shard_size: int = 0  # pairs per shard, fixed when the cache is created (not identity)
+    format_version: int = FORMAT_VERSION
 
     @classmethod
-    def new(cls, fingerprint: dict) -> "Manifest":
-        return cls(fingerprint, {s: {"shards": {}, "num_shards": None} for s in SPLITS}, {})
+    def new(cls, fingerprint: dict, names: dict, shard_size: int) -> "Manifest":
+        return cls(fingerprint, {s: {"shards": {}, "num_shards": None} for s in SPLITS}, {}, names, shard_size)
 
     def to_json(self) -> str:
-        return json.dumps({"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-                           "report": self.report, "splits": self.splits}, indent=2, sort_keys=True)
+        return json.dumps({"format_version": self.format_version, "fingerprint": self.fingerprint,
+                           "names": self.names, "shard_size": self.shard_size, "report": self.report,
+                           "splits": self.splits}, indent=2, sort_keys=True)
 
     def save(self, cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -128,19 +132,24 @@ def load_manifest(cache_dir: Path) -> Manifest | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        return Manifest(raw["fingerprint"], raw["splits"], raw.get("report", {}))
+        return Manifest(raw["fingerprint"], raw["splits"], raw.get("report", {}), raw.get("names", {}),
+                        raw.get("shard_size", 0), raw.get("format_version", 1))
     except (json.JSONDecodeError, KeyError) as e:
         raise CacheError(f"{path}: unreadable manifest ({e}); move the cache away or rescore with score.overwrite=true") from None
 
 
-def fingerprint_diff(cached: dict, wanted: dict) -> list[str]:
-    """Names of the fingerprint fields that differ, ignoring informational ones."""
-    keys = (set(cached) | set(wanted)) - set(INFORMATIONAL)
-    return sorted(k for k in keys if cached.get(k) != wanted.get(k))
+def identity_diff(manifest: Manifest, wanted: dict) -> list[str]:
+    """identity.diff of the cache's fingerprint against `wanted`, one "name: cache -> config" per field."""
+    from dpo_dist.identity import diff
+
+    if manifest.format_version != FORMAT_VERSION:
+        return [f"cache.format: {manifest.format_version} -> {FORMAT_VERSION} (written by another dpo-dist version)"]
+    return diff(manifest.fingerprint, wanted)
 
 
-def describe_diff(cached: dict, wanted: dict, fields: Iterable[str]) -> str:
-    return "; ".join(f"{k}: cache has {cached.get(k)!r}, config gives {wanted.get(k)!r}" for k in fields)
+def mismatch_message(cache_dir: Path, lines: list[str], what_to_do: str) -> str:
+    return (f"{cache_dir}: the cache was built for other work; {what_to_do}. Differences (cache -> config):\n  "
+            + "\n  ".join(lines))
 
 
 def verify(cache_dir: Path, check_hashes: bool = True) -> list[str]:
@@ -187,23 +196,19 @@ class CachedSplit:
         return [pi + max(ci, ri) for pi, ci, ri in zip(p, c, r)]
 
 
-def open_cache(cache_dir: Path, wanted_fingerprint: dict | None = None, check_hashes: bool = True) -> Manifest:
-    """Check a cache for training: complete, intact, and built for this configuration.
+def open_cache(cache_dir: Path, wanted: dict, check_hashes: bool = True) -> Manifest:
+    """Check a cache for training: complete, intact, and built for exactly this work.
 
-    `wanted_fingerprint` holds the fields the caller can compute (the trainer knows its model and
-    tokenizer, not always the raw data); only those are compared.
+    `wanted` is identity.cache_identity of the caller's config; every field is compared.
     """
     cache_dir = Path(cache_dir)
     manifest = load_manifest(cache_dir)
     if manifest is None:
         raise CacheError(f"{cache_dir}: no reference cache here; run `dpo-dist score --config ...` first")
-    if wanted_fingerprint is not None:
-        cached = {k: manifest.fingerprint.get(k) for k in wanted_fingerprint}
-        diff = fingerprint_diff(cached, wanted_fingerprint)
-        if diff:
-            raise CacheError(f"{cache_dir}: cache was built for another configuration, differing in "
-                             f"{', '.join(diff)} ({describe_diff(cached, wanted_fingerprint, diff)}); "
-                             "rescore with this config or point cache_dir elsewhere")
+    lines = identity_diff(manifest, wanted)
+    if lines:
+        raise CacheError(mismatch_message(cache_dir, lines, "score this config into another cache_dir "
+                                          "(or rescore this one with score.overwrite=true)"))
     problems = verify(cache_dir, check_hashes=check_hashes)
     if problems:
         raise CacheError(f"{cache_dir}: {problems[0]}" + (f" (+{len(problems) - 1} more; see `dpo-dist cache info --verify`)" if len(problems) > 1 else ""))
@@ -215,12 +220,15 @@ def info_text(cache_dir: Path) -> str:
     manifest = load_manifest(Path(cache_dir))
     if manifest is None:
         raise CacheError(f"{Path(cache_dir) / MANIFEST}: no manifest")
-    fp = manifest.fingerprint
+    fp, names = manifest.fingerprint, manifest.names
     lines = [f"cache: {cache_dir}",
-             f"reference: {fp.get('ref_model')} (weights {fp.get('ref_weights_hash')}, dtype {fp.get('dtype')})",
-             f"tokenizer: {fp.get('tokenizer_name')} (vocab {fp.get('vocab_hash')}), max_length {fp.get('max_length')}, "
-             f"max_prompt_length {fp.get('max_prompt_length')}, {fp.get('truncation_mode')}",
-             f"created: {fp.get('created', '?')}"]
+             f"reference: {names.get('reference', '?')} (weights {fp.get('reference.weights')}, dtype {fp.get('reference.dtype')})",
+             f"tokenizer: {names.get('tokenizer', '?')} (vocab {fp.get('tokenizer.vocab')}, chat template "
+             f"{fp.get('tokenizer.chat_template')}), max_length {fp.get('data.max_length')}, max_prompt_length "
+             f"{fp.get('data.max_prompt_length')}, {fp.get('data.truncation_mode')}",
+             f"data: train {names.get('data.train', '?')} ({fp.get('data.train')}); eval "
+             f"{names.get('data.eval') or 'held out of train'} ({fp.get('data.eval')})",
+             f"created: {names.get('created', '?')}; {manifest.shard_size or '?'} pairs per shard; format {manifest.format_version}"]
     for split in SPLITS:
         info = manifest.splits[split]
         tokens = sum(e["tokens"] for e in info["shards"].values())
@@ -231,5 +239,3 @@ def info_text(cache_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -9,13 +9,17 @@ import os
 import sys
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, base_dir: bool = True) -> None:
     p.add_argument("--config", help="YAML config file (see README, config reference)")
+    if base_dir:
+        p.add_argument("--base-dir", metavar="DIR",
+                       help="resolve relative paths of the config against DIR (default: the current folder); "
+                       "needed under `ray job submit --working-dir`, whose job runs in an uploaded copy")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-6")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dpo_dist import data, synthetic, tiny
+    from dpo_dist import data, sweep, synthetic, tiny
 
     parser = argparse.ArgumentParser(prog="dpo-dist", description="Distributed DPO: score the reference once on Ray, train with DeepSpeed ZeRO-3.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,12 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with DeepSpeed on this machine (starts torchrun, one process per GPU)")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint if any")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint if any")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a run started with other settings in output_dir aside (never deleted), then start over")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("run", help="score (if needed), train, export on this machine; rerun to resume")
     _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a run started with other settings in output_dir aside (never deleted), then start over")
     p.set_defaults(run=_run)
+
+    p = sub.add_parser("sweep", help="one cache, many runs: train every run of a sweep file (score once)")
+    _add_config_args(p, base_dir=False)
+    sweep.add_sweep_args(p)
+    p.set_defaults(run=_sweep)
 
     p = sub.add_parser("cache", help="inspect a reference cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -59,9 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from dpo_dist.config import load_config
+    """The config of a command, its relative paths resolved against --base-dir when given.
 
-    return load_config(args.config, args.overrides)
+    Inside a `ray job submit --working-dir` job the current folder is Ray's uploaded copy: relative
+    paths would read and write there, so they are refused unless --base-dir says where they live.
+    """
+    from dpo_dist.config import ConfigError, load_config, relative_paths, resolve_paths
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "base_dir", None):
+        return resolve_paths(cfg, args.base_dir)
+    uploaded = "/runtime_resources/working_dir_files/" in os.getcwd() + "/"
+    if uploaded and relative_paths(cfg):
+        raise ConfigError(f"running in Ray's uploaded copy of the working dir ({os.getcwd()}): the relative paths of "
+                          f"{', '.join(relative_paths(cfg))} would resolve there; pass --base-dir \"$PWD\" (the folder "
+                          "you submit from, on a filesystem the cluster shares) or use absolute paths")
+    return cfg
 
 
 def _score(args) -> int:
@@ -77,16 +103,35 @@ def _score(args) -> int:
 
 
 def _train(args) -> int:
-    from dpo_dist.launch import run_torchrun
+    from dpo_dist.launch import num_procs, run_torchrun
+    from dpo_dist.pipeline import check_run_folder
 
     cfg = _load(args)  # validate before starting processes
-    return run_torchrun(cfg, args.config, args.overrides, resume=args.resume)
+    note = check_run_folder(cfg, num_procs(cfg)[0], args.overwrite)  # refuse a foreign run folder now
+    if note:
+        print(f"[dpo-dist] {note}", flush=True)
+    return run_torchrun(cfg, args.config, args.overrides, resume=args.resume, base_dir=args.base_dir)
 
 
 def _run(args) -> int:
     from dpo_dist.pipeline import run_pipeline
 
-    return run_pipeline(_load(args), args.config, args.overrides)
+    return run_pipeline(_load(args), args.config, args.overrides, overwrite=args.overwrite, base_dir=args.base_dir)
+
+
+def _sweep(args) -> int:
+    from dpo_dist import sweep
+
+    plan = sweep.load_sweep(args.sweep)
+    if args.task_overrides is not None:
+        print("\n".join(sweep.task_overrides(args.config, args.overrides, plan, args.task_overrides)))
+        return 0
+    if args.list:
+        _, runs = sweep.plan(args.config, args.overrides, plan)
+        for i, (run, cfg) in enumerate(runs):
+            print(f"{i}\t{run.name}\t{cfg.output_dir}\t{' '.join(run.overrides)}")
+        return 0
+    return sweep.run_sweep(args.config, args.overrides, args.sweep, overwrite=args.overwrite)
 
 
 def _cache_ready(args) -> int:
@@ -113,6 +158,9 @@ def _cache_info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from dpo_dist.errors import USER_ERRORS
+    from dpo_dist.quiet import silence_known_noise
+
+    silence_known_noise()
 
     args = build_parser().parse_args(argv)
     try:

@@ -15,8 +15,10 @@ from typing import Any, Optional
 
 import yaml
 
+from dpo_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem, one line, naming the file and field."""
 
 
@@ -33,6 +35,7 @@ class DataConfig:
     eval: Optional[str] = opt(None, "Eval pairs (same forms as `train`). When empty, `eval_fraction` of `train` is held out by id hash.")
     eval_fraction: float = opt(0.0, "Fraction of `train` held out for eval when `eval` is not given (deterministic by pair id).")
     format: str = opt("auto", "Source format: auto, hh, pairs, messages.")
+    data_dir: Optional[str] = opt(None, "Sub-folder of a `datasets` source, e.g. helpful-base or harmless-base for Anthropic/hh-rlhf.")
     train_split: str = opt("train", "Split name of `train` for `datasets` sources.")
     eval_split: str = opt("test", "Split name of `eval` for `datasets` sources.")
     max_samples: Optional[int] = opt(None, "Keep at most this many training pairs.")
@@ -60,7 +63,7 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = opt("", "Policy model: hub id or local Hugging Face directory.")
     ref_name_or_path: Optional[str] = opt(None, "Reference model (e.g. the SFT model); defaults to the policy.")
-    tokenizer: Optional[str] = opt(None, "Tokenizer path; defaults to the policy's.")
+    tokenizer: Optional[str] = opt(None, "Tokenizer (local folder or hub id); defaults to the reference model's. The policy must share its vocabulary.")
     attn_implementation: str = opt("sdpa", "Attention implementation: eager, sdpa, flash_attention_2.")
     trust_remote_code: bool = opt(False, "Allow custom model code from the hub.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
@@ -106,7 +109,7 @@ class TrainConfig:
     eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end).")
     save_steps: int = opt(0, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = opt(2, "Checkpoints to keep.")
-    step0_tolerance: float = opt(0.05, "Max |policy - cached reference| mean per-token log-prob difference allowed at step 0.")
+    step0_tolerance: Optional[float] = opt(None, "Max |policy - cached reference| log-prob difference per token, for any pair, allowed at step 0; null: the bound of the dtypes in play (1e-4 float32 vs float32; see README for 16-bit).")
     num_procs: Optional[int] = opt(None, "Processes for `dpo-dist train`: default one per GPU, else 2 on CPU.")
 
 
@@ -137,7 +140,14 @@ class Config:
         return self.model.ref_name_or_path or self.model.name_or_path
 
     def tokenizer_path(self) -> str:
-        return self.model.tokenizer or self.model.name_or_path
+        """The tokenizer that makes the cache's ids: model.tokenizer, else the reference model's."""
+        return self.model.tokenizer or self.ref_model()
+
+    def reference_dtype(self, gpus: int) -> str:
+        """score.dtype with "auto" resolved: bfloat16 where the scoring actors get GPUs, else float32."""
+        if self.score.dtype == "auto":
+            return "bfloat16" if gpus else "float32"
+        return self.score.dtype
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,7 +166,21 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
+class _Origins:
+    """Where each value came from, for error messages: the override that set it, else the YAML file."""
+
+    def __init__(self, path: str | None, overrides: list[str]):
+        self.path = str(path) if path else None
+        self.overrides = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+
+    def of(self, dotted: str) -> str:
+        for key, item in self.overrides.items():
+            if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+                return f"override {item}"
+        return self.path or "config"
+
+
+def _coerce(value: Any, hint: Any, origins: _Origins, dotted: str) -> Any:
     """Check a YAML value against a field's type; ints are accepted for floats."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
@@ -164,8 +188,8 @@ def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
-        return _build(hint, value, source, dotted + ".")
+            raise ConfigError(f"{origins.of(dotted)}: {dotted} must be a mapping, got {value!r}")
+        return _build(hint, value, origins, dotted + ".")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
@@ -177,16 +201,16 @@ def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
         return value
     if hint is list and isinstance(value, (list, tuple)):
         return list(value)
-    raise ConfigError(f"{source}: {dotted} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ConfigError(f"{origins.of(dotted)}: {dotted} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def _build(cls, values: dict, source: str, prefix: str = ""):
+def _build(cls, values: dict, origins: _Origins, prefix: str = ""):
     hints = _hints(cls)
     names = sorted(f.name for f in dataclasses.fields(cls))
     for key in values:
         if key not in names:
-            raise ConfigError(f"{source}: unknown field {prefix}{key} (valid: {', '.join(names)})")
-    return cls(**{k: _coerce(v, hints[k], source, prefix + k) for k, v in values.items()})
+            raise ConfigError(f"{origins.of(prefix + key)}: unknown field {prefix}{key} (valid: {', '.join(names)})")
+    return cls(**{k: _coerce(v, hints[k], origins, prefix + k) for k, v in values.items()})
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -206,7 +230,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-6")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item}: invalid YAML value ({getattr(e, 'problem', e)})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -218,11 +246,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (optional), apply dotted overrides, build and validate the tree."""
+    """Read YAML (optional), apply dotted overrides, build and validate the tree.
+
+    Errors name the override that set a bad value, else the YAML file.
+    """
     values: dict = {}
-    source = "overrides"
+    overrides = list(overrides or [])
     if path:
-        source = str(path)
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
@@ -234,9 +264,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    values = _merge(values, parse_overrides(overrides or []))
-    cfg = _build(Config, values, source)
-    validate(cfg, source)
+    origins = _Origins(path, overrides)
+    values = _merge(values, parse_overrides(overrides))
+    cfg = _build(Config, values, origins)
+    validate(cfg, origins)
     return cfg
 
 
@@ -247,26 +278,90 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Value checks that the types alone do not express; one line per problem, the first raised."""
+def validate(cfg: Config, origins: _Origins | None = None) -> None:
+    """Value checks that the types alone do not express; one line per problem, the first raised,
+    naming where the value came from (an override or the file)."""
+    origins = origins or _Origins(None, [])
     for dotted, allowed in VALID.items():
         if _get(cfg, dotted) not in allowed:
-            raise ConfigError(f"{source}: {dotted} must be one of {', '.join(allowed)}; got {_get(cfg, dotted)!r}")
+            raise ConfigError(f"{origins.of(dotted)}: {dotted} must be one of {', '.join(allowed)}; got {_get(cfg, dotted)!r}")
     d, t = cfg.data, cfg.train
     checks = [
-        (d.max_length > 0, "data.max_length must be > 0"),
-        (0 < d.max_prompt_length < d.max_length, "data.max_prompt_length must be > 0 and < data.max_length"),
-        (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
-        (cfg.loss.beta > 0, "loss.beta must be > 0"),
-        (t.micro_batch_size > 0 and t.gradient_accumulation_steps > 0,
-         "train.micro_batch_size and train.gradient_accumulation_steps must be > 0"),
-        (t.lr >= 0 and t.warmup_steps >= 0 and t.max_steps >= 0 and t.epochs > 0,
-         "train.lr, warmup_steps, max_steps must be >= 0 and train.epochs > 0"),
-        (cfg.score.shard_size > 0 and cfg.score.token_budget > 0, "score.shard_size and score.token_budget must be > 0"),
+        ("data.max_length", d.max_length > 0, "data.max_length must be > 0"),
+        ("data.max_prompt_length", 0 < d.max_prompt_length < d.max_length,
+         "data.max_prompt_length must be > 0 and < data.max_length"),
+        ("data.eval_fraction", 0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        ("train.micro_batch_size", t.micro_batch_size > 0, "train.micro_batch_size must be > 0"),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps > 0,
+         "train.gradient_accumulation_steps must be > 0"),
+        ("train.lr", t.lr >= 0, "train.lr must be >= 0"),
+        ("train.warmup_steps", t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        ("train.max_steps", t.max_steps >= 0, "train.max_steps must be >= 0"),
+        ("train.epochs", t.epochs > 0, "train.epochs must be > 0"),
+        ("train.step0_tolerance", t.step0_tolerance is None or t.step0_tolerance > 0,
+         "train.step0_tolerance must be > 0 (or null for the bound of the dtypes in play)"),
+        ("score.shard_size", cfg.score.shard_size > 0, "score.shard_size must be > 0"),
+        ("score.token_budget", cfg.score.token_budget > 0, "score.token_budget must be > 0"),
     ]
-    for ok, message in checks:
+    for dotted, ok, message in checks:
         if not ok:
-            raise ConfigError(f"{source}: {message}")
+            raise ConfigError(f"{origins.of(dotted)}: {message}")
+    _validate_loss(cfg, origins)
+
+
+def _validate_loss(cfg: Config, origins: _Origins) -> None:
+    """The loss's own rules (loss type, beta, label smoothing, variant parameters), checked at load."""
+    from dpo_dist.loss import check_loss_args
+
+    loss = cfg.loss
+    try:
+        check_loss_args(loss.loss_type, loss.beta, loss.label_smoothing, loss.params)
+    except ValueError as e:
+        message = str(e).removeprefix("unknown ")
+        field = next((f"loss.{name}" for name in ("loss_type", "beta", "label_smoothing") if message.startswith(name)), "loss.params")
+        raise ConfigError(f"{origins.of(field)}: {field}: {e}") from None
+
+
+# Paths the run writes: always under the base folder when relative.
+_OUTPUT_PATHS = ("output_dir", "cache_dir", "export.dir")
+# Paths or hub names: resolved when the base folder holds them, or when they can only be local.
+_INPUT_PATHS = ("data.train", "data.eval", "model.name_or_path", "model.ref_name_or_path", "model.tokenizer",
+                "train.deepspeed_config")
+
+
+def resolve_paths(cfg: Config, base: str | Path) -> Config:
+    """A copy of `cfg` whose relative paths are absolute against `base` (the folder the user works in).
+
+    Needed where the process runs elsewhere, e.g. a `ray job submit --working-dir .` job, which runs
+    in an uploaded copy: there `outputs/cache` would land in Ray's session folder. Hub names
+    (`Anthropic/hh-rlhf`, `EleutherAI/pythia-2.8b`) stay as they are unless `base` holds such a path.
+    """
+    base = Path(base).expanduser().resolve()
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), model=dataclasses.replace(cfg.model),
+                              train=dataclasses.replace(cfg.train), export=dataclasses.replace(cfg.export))
+    for dotted in _OUTPUT_PATHS + _INPUT_PATHS:
+        section, _, name = dotted.rpartition(".")
+        node = getattr(out, section) if section else out
+        value = getattr(node, name)
+        if not value or Path(value).expanduser().is_absolute():
+            continue
+        local = base / value
+        probe = Path(str(local).replace("{split}", cfg.data.train_split))
+        if dotted in _OUTPUT_PATHS or probe.exists() or looks_local(value):
+            setattr(node, name, str(local))
+    return out
+
+
+def looks_local(value: str) -> bool:
+    """A name that can only be a path: ./x, ../x, ~/x, a/b/c, or a data file name. `org/name` may be a hub id."""
+    return (value.startswith((".", "~", "/")) or value.count("/") > 1
+            or value.endswith((".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".yaml")))
+
+
+def relative_paths(cfg: Config) -> list[str]:
+    """Config fields holding relative paths that `resolve_paths` would change against another base."""
+    moved = resolve_paths(cfg, "/nonexistent-base")
+    return [d for d in _OUTPUT_PATHS + _INPUT_PATHS if _get(moved, d) != _get(cfg, d)]
 
 
 def to_yaml(cfg: Config) -> str:

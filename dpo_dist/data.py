@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Iterator
 
+from dpo_dist.errors import UserError
+
 FORMATS = ("auto", "hh", "pairs", "messages")
 HH_MARKER = "\n\nAssistant:"
 NUM_EXAMPLES = 5  # row numbers kept per drop reason
@@ -50,7 +52,7 @@ class Pair:
     row: int  # 1-based row/line number in the source
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Malformed input; the message is one line, "<file>:<row>: <what is wrong>"."""
 
 
@@ -100,12 +102,13 @@ def pair_id(prompt, chosen, rejected) -> str:
 
 def iter_pairs(source, *, format: str = "auto", split: str = "train", max_samples: int | None = None,
                prompt_field: str = "prompt", chosen_field: str = "chosen",
-               rejected_field: str = "rejected", strict: bool = False,
+               rejected_field: str = "rejected", strict: bool = False, data_dir: str | None = None,
                report: DataReport | None = None) -> Iterator[Pair]:
     """Stream normalized pairs from `source`, counting every row in `report`.
 
     `split` names the split of a Hugging Face dataset; for files it only fills a `{split}`
-    placeholder in the path (`data/{split}.jsonl`). `max_samples` stops after that many KEPT pairs;
+    placeholder in the path (`data/{split}.jsonl`); `data_dir` picks a sub-folder of a hub dataset
+    (`Anthropic/hh-rlhf` with data_dir `helpful-base`). `max_samples` stops after that many KEPT pairs;
     the report then covers only the rows read so far. `strict=True` turns the first drop into a
     DataError. Errors surface while iterating, at the row that causes them.
     """
@@ -114,7 +117,7 @@ def iter_pairs(source, *, format: str = "auto", split: str = "train", max_sample
     report = report if report is not None else DataReport()
     path = _resolve(source, split)
     report.source = path
-    records = _iter_records(path, split)
+    records = _iter_records(path, split, data_dir)
     first = next(records, None)
     if first is None:
         raise DataError(f"{path}:1: no rows (the file or dataset is empty)")
@@ -156,31 +159,36 @@ def load_pairs(source, **options) -> tuple[list[Pair], DataReport]:
 def source_fingerprint(source, *, format: str = "auto", split: str = "train",
                        max_samples: int | None = None, prompt_field: str = "prompt",
                        chosen_field: str = "chosen", rejected_field: str = "rejected",
-                       strict: bool = False, report: DataReport | None = None) -> str:
+                       strict: bool = False, data_dir: str | None = None,
+                       report: DataReport | None = None) -> str:
     """sha256 hex over the source's content and the options that shape the pairs.
 
     Content: a file's bytes; a local directory's files (names and bytes); a hub dataset's
     `_fingerprint`. The path itself is not hashed, so a moved copy keeps its fingerprint.
-    `strict` and `report` are accepted (to take the same options as iter_pairs) and ignored:
-    they never change the pairs produced.
+    File hashes are remembered per path, size and mtime (identity.file_sha256), so this is cheap
+    the second time. `strict` and `report` are accepted (to take the same options as iter_pairs)
+    and ignored: they never change the pairs produced. This is the key under which the identity of
+    the normalized pairs is remembered (identity.data_identity), not that identity itself.
     """
+    from dpo_dist.identity import file_sha256
+
     path = _resolve(source, split)
     if os.path.isfile(path):
-        content = _file_sha256(path)
-    elif os.path.isdir(path):
+        content = file_sha256(path)
+    elif os.path.isdir(path) and not data_dir:
         digest = hashlib.sha256()
         for root, dirs, files in os.walk(path):
             dirs.sort()
             for name in sorted(files):
                 full = os.path.join(root, name)
                 digest.update(os.path.relpath(full, path).encode("utf-8") + b"\0")
-                digest.update(_file_sha256(full).encode("ascii"))
+                digest.update(file_sha256(full).encode("ascii"))
         content = "dir:" + digest.hexdigest()
     else:
-        content = "hf:" + _load_hub_dataset(path, split)._fingerprint
+        content = "hf:" + _load_hub_dataset(path, split, data_dir)._fingerprint
     options = {"normalize_version": NORMALIZE_VERSION, "content": content, "format": format,
                "split": split, "max_samples": max_samples, "prompt_field": prompt_field,
-               "chosen_field": chosen_field, "rejected_field": rejected_field}
+               "chosen_field": chosen_field, "rejected_field": rejected_field, "data_dir": data_dir}
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -296,9 +304,9 @@ def _resolve(source, split: str) -> str:
     return path
 
 
-def _iter_records(path: str, split: str) -> Iterator[tuple[int, dict]]:
+def _iter_records(path: str, split: str, data_dir: str | None = None) -> Iterator[tuple[int, dict]]:
     if os.path.isdir(path) or not os.path.exists(path):
-        yield from _dataset_records(path, split)
+        yield from _dataset_records(path, split, data_dir)
     elif path.endswith((".jsonl", ".jsonl.gz")):
         yield from _jsonl_records(path)
     elif path.endswith(".json"):
@@ -389,8 +397,8 @@ def _csv_records(path: str) -> Iterator[tuple[int, dict]]:
             yield row, record
 
 
-def _dataset_records(path: str, split: str) -> Iterator[tuple[int, dict]]:
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, name))
+def _dataset_records(path: str, split: str, data_dir: str | None = None) -> Iterator[tuple[int, dict]]:
+    if os.path.isdir(path) and not data_dir and any(os.path.exists(os.path.join(path, name))
                                    for name in ("state.json", "dataset_dict.json")):
         import datasets  # only here: importing it costs about a second
 
@@ -403,31 +411,69 @@ def _dataset_records(path: str, split: str) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}: no split '{split}' (available: {', '.join(dataset)})")
             dataset = dataset[split]
     else:
-        dataset = _load_hub_dataset(path, split)
+        dataset = _load_hub_dataset(path, split, data_dir)
     for i, record in enumerate(dataset):
         yield i + 1, record
 
 
-def _load_hub_dataset(path: str, split: str):
+def _load_hub_dataset(path: str, split: str, data_dir: str | None = None):
+    """`datasets.load_dataset`: a hub name (from the local cache when HF_DATASETS_OFFLINE=1) or a folder of data files."""
     import datasets
 
+    _quiet_datasets()
     try:
-        return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, split=split, data_dir=data_dir)
     except Exception as e:  # the hub client raises many types; the user needs the message
         what = "cannot load dataset" if os.path.exists(path) else "no such file or dataset"
-        raise DataError(f"{path}: {what} ({type(e).__name__}: {_first_line(e)})") from None
+        where = f"{path} (data_dir {data_dir})" if data_dir else path
+        offline = ("; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): download it first on a machine with "
+                   "internet, or point data.train at local files") if os.environ.get("HF_HUB_OFFLINE") or \
+            os.environ.get("HF_DATASETS_OFFLINE") else ""
+        raise DataError(f"{where}: {what} ({type(e).__name__}: {_first_line(e)}){offline}") from None
+
+
+def _quiet_datasets() -> None:
+    """No per-file progress bars from `datasets`: our own progress bar covers the scoring."""
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
 
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+# ---------------------------------------------------------------------------------------------
+# The whole dataset of a config: train and eval splits
+
+SPLITS = ("train", "eval")
+
+
+def source_options(d, split: str) -> dict:
+    """iter_pairs options of `split` ("train" or "eval") for a DataConfig `d`."""
+    return dict(format=d.format, split=d.train_split if split == "train" else d.eval_split,
+                max_samples=d.max_samples if split == "train" else d.eval_max_samples,
+                prompt_field=d.prompt_field, chosen_field=d.chosen_field,
+                rejected_field=d.rejected_field, strict=d.strict, data_dir=d.data_dir)
+
+
+def in_eval_fraction(pair_id: str, fraction: float) -> bool:
+    """Deterministic hold-out by id hash: survives reordering of the source."""
+    return fraction > 0 and int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def iter_dataset(d, reports: dict[str, DataReport] | None = None) -> Iterator[tuple[str, Pair]]:
+    """(split, pair) over a DataConfig `d`: the train source (less the `eval_fraction` held out by id
+    hash when no eval source is named), then the eval source; each in source order. Streaming."""
+    if not d.train:
+        raise DataError("data.train is empty: name a training source (a file, a folder or a hub dataset)")
+    reports = reports if reports is not None else {s: DataReport() for s in SPLITS}
+    for pair in iter_pairs(d.train, report=reports["train"], **source_options(d, "train")):
+        yield ("eval" if not d.eval and in_eval_fraction(pair.id, d.eval_fraction) else "train"), pair
+    if d.eval:
+        for pair in iter_pairs(d.eval, report=reports["eval"], **source_options(d, "eval")):
+            yield "eval", pair
 
 
 # ---------------------------------------------------------------------------------------------

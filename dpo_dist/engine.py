@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from dpo_dist.config import TrainConfig
+from dpo_dist.errors import UserError
 
 
-class BatchArithmeticError(ValueError):
+class BatchArithmeticError(UserError, ValueError):
     pass
 
 
@@ -131,6 +132,82 @@ def barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
+def on_main(dist: Dist, fn):
+    """Run `fn` on rank 0 only and hand its result to every rank.
+
+    A user error on rank 0 (bad config, refused cache or run folder) is raised on every rank, so
+    no rank waits forever in a collective for a rank that has given up.
+    """
+    import torch.distributed as tdist
+
+    from dpo_dist.errors import USER_ERRORS
+
+    result = error = None
+    failure: BaseException | None = None
+    if dist.is_main:
+        try:
+            result = fn()
+        except USER_ERRORS as e:
+            error = e
+        except BaseException as e:  # noqa: BLE001  (re-raised below, after the other ranks are told)
+            failure, error = e, RuntimeError(f"rank 0 failed: {type(e).__name__}: {e}")
+    if dist.world_size > 1:
+        box = [(result, error)]
+        tdist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise error
+    return result
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 model internals
+
+def zero3_init(ds_config: dict):
+    """Make `from_pretrained` partition weights at load (ZeRO-3); keep the returned object alive
+    while the model is built. None for other stages."""
+    import torch._dynamo  # noqa: F401  (must be imported before zero.Init: else a signature TypeError)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        return HfDeepSpeedConfig(ds_config)
+    return None
+
+
+def release_zero3() -> None:
+    """After training: models built from here on are plain (unpartitioned), e.g. for export."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(all, trainable) parameter counts, with ZeRO-3's full sizes when partitioned."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def local_param_fraction(model) -> float:
+    """Share of all parameter elements held by this rank (1.0 unpartitioned, ~1/world under ZeRO-3)."""
+    full = local = 0
+    for p in model.parameters():
+        full += getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return local / max(full, 1)
+
+
+def precision(ds_config: dict) -> str:
+    """The torch dtype name the engine trains in: bfloat16, float16 or float32."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bfloat16"
+    return "float16" if ds_config.get("fp16", {}).get("enabled") else "float32"
+
+
 # ----------------------------------------------------------------------------- engine boundary
 
 class Engine:
@@ -166,11 +243,14 @@ class Engine:
         self.ds.eval()
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+        """Every rank writes its shard under ckpt_dir/tag; the caller marks it complete (checkpoints.py)."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, ckpt_dir: Path, tag: str | None = None) -> dict | None:
+    def load(self, ckpt_dir: Path, tag: str) -> dict:
         path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
-        return client_state if path is not None else None
+        if path is None:
+            raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        return client_state
 
     def full_state_dict(self) -> dict | None:
         """16-bit full weights gathered from the ZeRO-3 shards onto rank 0 (None on the others)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +11,10 @@ from pathlib import Path
 from dpo_dist.config import Config
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "train_dpo.py"
+# Signalled itself, torchrun passes these on to the ranks (SIGUSR1: Slurm's warning before a time
+# limit), then waits DPO_DIST_STOP_GRACE seconds for them to save a checkpoint and exit.
+FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+GRACE_S = int(os.environ.get("DPO_DIST_STOP_GRACE", "300"))
 
 
 def free_port() -> int:
@@ -27,15 +32,45 @@ def num_procs(cfg: Config) -> tuple[int, bool]:
     return cfg.train.num_procs or 2, False
 
 
-def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], resume: bool) -> int:
+def torchrun_command(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            f"--signals_to_handle={FORWARDED}", f"--shutdown_timeout={GRACE_S}", str(LAUNCHER), *args]
+
+
+def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], resume: bool,
+                 overwrite: bool = False, base_dir: str | None = None) -> int:
+    """Run the trainer to its end; SIGTERM/SIGUSR1 sent to this process reach the ranks, which save and stop."""
     nproc, has_gpu = num_procs(cfg)
     env = dict(os.environ)
     if not has_gpu:  # share the cores: torchrun does not set OMP_NUM_THREADS on its own
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(LAUNCHER)]
-    if config_path:
-        cmd += ["--config", config_path]
-    cmd += list(overrides) + (["--resume"] if resume else [])
-    print(f"[dpo-dist] {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd, env=env)
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning:deepspeed")
+    args = (["--config", config_path] if config_path else []) + list(overrides)
+    args += (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
+    args += ["--base-dir", base_dir] if base_dir else []
+    cmd = torchrun_command(nproc, args)
+    print(f"[dpo-dist] training: torchrun, {nproc} process(es)", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    previous = {s: signal.signal(s, lambda signum, _f: signal_ranks(proc.pid, signum)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def signal_ranks(torchrun_pid: int, signum: int) -> None:
+    """Pass a stop signal to the ranks themselves: each finishes its step and saves, they exit 0,
+    and torchrun ends normally (signalled itself, it would end with an error after they stop)."""
+    import psutil
+
+    try:
+        ranks = psutil.Process(torchrun_pid).children()
+    except psutil.NoSuchProcess:
+        return
+    for rank in ranks:
+        try:
+            rank.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass

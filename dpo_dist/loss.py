@@ -284,6 +284,17 @@ def preference_loss(
     return losses, (beta * scores.chosen).detach(), (beta * scores.rejected).detach()
 
 
+def check_loss_args(loss_type: str, beta: float, label_smoothing: float, params: dict) -> None:
+    """Raise ValueError, naming the argument, if preference_loss would refuse these arguments.
+
+    The config calls this at load time, so a bad loss setting fails before any work starts.
+    """
+    variant = LOSSES.get(loss_type)
+    if variant is None:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
+    _check_scalars(loss_type, variant, beta, label_smoothing, _resolve_params(loss_type, variant, dict(params)))
+
+
 def _require_lengths(needer: str, **lengths: Tensor | None) -> None:
     for name, value in lengths.items():
         if value is None:

@@ -1,7 +1,10 @@
-"""`dpo-dist run`: score (skipped when the cache is complete and matches), train, export, summary.
+"""`dpo-dist run`: check the run folder, score (skipped when the cache is complete and matches),
+train, export, summary.
 
 One command for one machine; running it again resumes wherever it stopped: complete shards are
-kept, training continues from its latest checkpoint.
+kept, training continues from its latest complete checkpoint. Running it with other
+result-changing settings into the same output_dir is refused before any work (--overwrite moves
+the old run aside).
 """
 from __future__ import annotations
 
@@ -12,21 +15,43 @@ from dpo_dist import cache as cache_mod
 from dpo_dist.config import Config
 
 
-def cache_ready(cfg: Config) -> bool:
-    """True when the cache is complete, intact and was built with this config (no Ray needed)."""
+def local_gpus() -> int:
     import torch
-    from transformers import AutoTokenizer
 
-    from dpo_dist.score import build_fingerprint, resolve_dtype, resolve_model_dir
+    return torch.cuda.device_count()
+
+
+def cache_ready(cfg: Config, gpus: int | None = None) -> bool:
+    """True when the cache is complete, intact and was built for exactly this config (no Ray needed).
+
+    `gpus`: what the scoring actors would get, for score.dtype "auto" (default: this machine's).
+    """
+    from dpo_dist.identity import expected_cache
 
     manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
     if manifest is None or not all(manifest.is_complete(s) for s in cache_mod.SPLITS):
         return False
-    ref_dir = resolve_model_dir(cfg.ref_model())
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path() if cfg.model.tokenizer else str(ref_dir))
-    # `run` scores on an embedded Ray, which sees exactly the GPUs torch sees here.
-    wanted = build_fingerprint(cfg, tokenizer, resolve_dtype(cfg.score.dtype, torch.cuda.is_available()), ref_dir)
-    return not cache_mod.fingerprint_diff(manifest.fingerprint, wanted) and not cache_mod.verify(cfg.resolved_cache_dir())
+    spec = expected_cache(cfg, cfg.reference_dtype(local_gpus() if gpus is None else gpus))
+    return not cache_mod.identity_diff(manifest, spec.identity) and not cache_mod.verify(cfg.resolved_cache_dir())
+
+
+def check_run_folder(cfg: Config, world_size: int, overwrite: bool) -> str | None:
+    """Before any work: refuse an output_dir that holds a run with other result-changing settings,
+    or, with `overwrite`, move that run aside (returns where to). The trainer checks again."""
+    from dpo_dist import identity as ident
+    from dpo_dist.engine import load_ds_json
+    from dpo_dist.models import resolve_model_dir
+
+    out_dir = Path(cfg.output_dir)
+    if not ident.has_run(out_dir):
+        return None
+    if overwrite:
+        aside = ident.set_aside(out_dir, keep=[cfg.resolved_cache_dir()], extra=[cfg.export_dir()])
+        return f"moved the earlier run in {out_dir} aside to {aside}"
+    spec = ident.expected_cache(cfg, cfg.reference_dtype(local_gpus()))
+    policy = ident.model_identity(resolve_model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code))
+    ident.check_run(out_dir, ident.run_identity(cfg, spec.identity, policy, world_size, load_ds_json(cfg.train.deepspeed_config)))
+    return None
 
 
 def summary(cfg: Config) -> str:
@@ -52,22 +77,35 @@ def summary(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str]) -> int:
-    from dpo_dist.launch import run_torchrun
+def ensure_cache(cfg: Config) -> None:
+    """Score into cfg's cache unless it is complete and matches; frees Ray's cores afterwards."""
     from dpo_dist.score import run_scoring
 
     if cache_ready(cfg):
         print(f"[dpo-dist] reference cache {cfg.resolved_cache_dir()} is complete and matches: scoring skipped", flush=True)
-    else:
-        result = run_scoring(cfg)
-        print(f"[dpo-dist] scored {result.scored_shards} shards ({result.skipped_shards} already done), "
-              f"{result.tokens:,} tokens in {result.seconds:.1f}s", flush=True)
-        import ray
+        return
+    result = run_scoring(cfg)
+    print(f"[dpo-dist] scored {result.scored_shards} shards ({result.skipped_shards} already done), "
+          f"{result.tokens:,} tokens in {result.seconds:.1f}s", flush=True)
+    import ray
 
-        ray.shutdown()  # free the cores for training
-    code = run_torchrun(cfg, config_path, overrides, resume=True)
+    ray.shutdown()  # free the cores for training
+
+
+def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], overwrite: bool = False,
+                 base_dir: str | None = None) -> int:
+    from dpo_dist.launch import num_procs, run_torchrun
+
+    note = check_run_folder(cfg, num_procs(cfg)[0], overwrite)
+    if note:
+        print(f"[dpo-dist] {note}", flush=True)
+    ensure_cache(cfg)
+    code = run_torchrun(cfg, config_path, overrides, resume=True, base_dir=base_dir)
     if code != 0:
         print(f"[dpo-dist] training failed (exit {code}); rerun the same command to resume from the last checkpoint")
         return code
+    if not (Path(cfg.output_dir) / "final_metrics.json").exists():
+        print("[dpo-dist] training stopped early (signal) after saving a checkpoint; rerun the same command to resume")
+        return 75  # EX_TEMPFAIL: not finished, resumable
     print(summary(cfg))
     return 0

@@ -11,7 +11,6 @@ writes each shard atomically and then the manifest. A dead actor is replaced and
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shutil
@@ -22,7 +21,8 @@ from typing import Iterator
 
 from dpo_dist import cache as cache_mod
 from dpo_dist.config import Config
-from dpo_dist.data import DataReport, Pair, iter_pairs, source_fingerprint
+from dpo_dist.data import DataReport, Pair, iter_dataset
+from dpo_dist.identity import CacheSpec, expected_cache
 
 
 @dataclass
@@ -49,94 +49,15 @@ class ScoreResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-# ----------------------------------------------------------------------------- fingerprint
-
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local model directory for a path or hub id (hub ids resolve through the local HF cache)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1 or path.suffix:
-        raise FileNotFoundError(f"model {name_or_path}: no such directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
-    except Exception as e:  # offline, unknown repo, no access
-        raise FileNotFoundError(f"model {name_or_path}: not a local directory and not fetchable from the hub ({type(e).__name__})") from None
-
-
-def weights_hash(model_dir: Path, sample: int = 1 << 20) -> str:
-    """Identity of the weights: config plus, per weight file, its size and sha256 of its first,
-    middle and last MiB (every fine-tuning step changes all of them; full hashing of 100 GB is slow)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-    if not any(p.suffix in (".safetensors", ".bin") for p in files):
-        raise FileNotFoundError(f"model {model_dir}: no .safetensors or .bin weights")
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            for offset in sorted({0, max(size // 2 - sample // 2, 0), max(size - sample, 0)}):
-                f.seek(offset)
-                h.update(f.read(sample))
-    return h.hexdigest()[:16]
-
-
-def data_fingerprint(cfg: Config) -> str:
-    d = cfg.data
-    parts = [source_fingerprint(d.train, **_source_kwargs(cfg, "train"))]
-    if d.eval:
-        parts.append(source_fingerprint(d.eval, **_source_kwargs(cfg, "eval")))
-    parts.append(f"eval_fraction={d.eval_fraction}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def build_fingerprint(cfg: Config, tokenizer, dtype: str, ref_dir: Path) -> dict:
-    """Everything the cached values depend on (DESIGN.md invariant 2)."""
-    from dpo_dist.logps import LOGPS_VERSION
-    from dpo_dist.tokenize import tokenizer_fingerprint
-
-    tok = tokenizer_fingerprint(tokenizer)
-    return {
-        "data_hash": data_fingerprint(cfg),
-        "tokenizer_name": tok["tokenizer_name"],
-        "vocab_hash": tok["vocab_hash"],
-        "special_tokens": tok["special_tokens"],
-        "chat_template_hash": tok["chat_template_hash"],
-        "max_length": cfg.data.max_length,
-        "max_prompt_length": cfg.data.max_prompt_length,
-        "truncation_mode": cfg.data.truncation_mode,
-        "ref_model": cfg.ref_model(),
-        "ref_weights_hash": weights_hash(ref_dir),
-        "dtype": dtype,
-        "logps_version": LOGPS_VERSION,
-        "cache_format": cache_mod.FORMAT_VERSION,
-    }
-
-
 # ----------------------------------------------------------------------------- shard plan
-
-def _source_kwargs(cfg: Config, split: str) -> dict:
-    d = cfg.data
-    return dict(format=d.format, split=d.train_split if split == "train" else d.eval_split,
-                max_samples=d.max_samples if split == "train" else d.eval_max_samples,
-                prompt_field=d.prompt_field, chosen_field=d.chosen_field,
-                rejected_field=d.rejected_field, strict=d.strict)
-
-
-def in_eval_fraction(pair_id: str, fraction: float) -> bool:
-    """Deterministic hold-out by id hash: survives reordering of the source."""
-    return fraction > 0 and int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
 
 def _ids_hash(pairs: list[Pair]) -> str:
     return hashlib.sha256("\n".join(p.id for p in pairs).encode()).hexdigest()[:16]
 
 
-def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int]) -> Iterator[ShardTask]:
-    """Stream the sources and cut shards in source order; `done[split]` is set to the shard count at the end."""
-    size = cfg.score.shard_size
+def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int], shard_size: int) -> Iterator[ShardTask]:
+    """Stream the sources and cut shards of `shard_size` pairs in source order; `done[split]` is set
+    to the shard count at the end."""
     buffers: dict[str, list[Pair]] = {"train": [], "eval": []}
     counters = {"train": 0, "eval": 0}
 
@@ -146,29 +67,25 @@ def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int
             yield ShardTask(split, counters[split], pairs, _ids_hash(pairs))
             counters[split] += 1
 
-    for pair in iter_pairs(cfg.data.train, report=reports["train"], **_source_kwargs(cfg, "train")):
-        split = "eval" if not cfg.data.eval and in_eval_fraction(pair.id, cfg.data.eval_fraction) else "train"
+    for split, pair in iter_dataset(cfg.data, reports):
         buffers[split].append(pair)
-        if len(buffers[split]) >= size:
+        if len(buffers[split]) >= shard_size:
             yield from flush(split)
-    if cfg.data.eval:
-        for pair in iter_pairs(cfg.data.eval, report=reports["eval"], **_source_kwargs(cfg, "eval")):
-            buffers["eval"].append(pair)
-            if len(buffers["eval"]) >= size:
-                yield from flush("eval")
     for split in ("train", "eval"):
         yield from flush(split)
         done[split] = counters[split]
 
 
-def estimate_rows(source: str) -> int | None:
-    """Line count of a jsonl(.gz) source for the progress bar's ETA; None for other sources."""
-    path = Path(source)
-    if not path.is_file() or not (path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")):
+def estimate_rows(cfg: Config) -> int | None:
+    """Rows of the train and eval sources for the progress bar's ETA (the data identity counts them);
+    None when unknown."""
+    from dpo_dist.identity import data_identity, pair_count
+
+    try:
+        ident = data_identity(cfg.data)
+    except Exception:  # noqa: BLE001  (only a progress estimate; the scorer reports real errors)
         return None
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return pair_count(ident, "train") + pair_count(ident, "eval")
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -177,19 +94,21 @@ class RefScorer:
     """Holds the frozen reference model; scores one shard per call (Ray actor body)."""
 
     def __init__(self, model_path: str, tokenizer_path: str, dtype: str, attn_implementation: str,
-                 threads: int, max_length: int, max_prompt_length: int, truncation_mode: str,
-                 token_budget: int, device: str):
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 trust_remote_code: bool, threads: int, max_length: int, max_prompt_length: int,
+                 truncation_mode: str, token_budget: int, device: str):
+        from dpo_dist.quiet import silence_known_noise
 
-        transformers.utils.logging.disable_progress_bar()
+        silence_known_noise()
+        import torch
+
+        from dpo_dist.models import load_causal_lm, load_tokenizer
+
         if device == "cpu":
             torch.set_num_threads(threads)
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation).to(device)
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(model_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
+                                    trust_remote_code=trust_remote_code).to(device)
         self.model.eval()
         self.model.requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -239,12 +158,6 @@ class RefScorer:
 
 # ----------------------------------------------------------------------------- driver
 
-def resolve_dtype(name: str, has_gpu: bool) -> str:
-    if name == "auto":
-        return "bfloat16" if has_gpu else "float32"
-    return name
-
-
 def init_ray(num_cpus: int | None = None):
     """Connect to RAY_ADDRESS (as `ray job submit` sets it), or start an embedded local cluster."""
     import ray
@@ -261,51 +174,55 @@ def init_ray(num_cpus: int | None = None):
     return ray
 
 
-def prepare_cache_dir(cache_dir: Path, fingerprint: dict, overwrite: bool) -> cache_mod.Manifest:
-    """Reuse a matching cache; refuse (or, when asked, clear) one built for another configuration."""
+def prepare_cache_dir(cache_dir: Path, spec: CacheSpec, shard_size: int, overwrite: bool) -> cache_mod.Manifest:
+    """Reuse a cache of the same identity, whatever its shard size (it is completed with its own);
+    refuse one built for other work, or, with `overwrite`, clear it."""
     manifest = cache_mod.load_manifest(cache_dir)
     if manifest is not None:
-        diff = cache_mod.fingerprint_diff(manifest.fingerprint, fingerprint)
-        if not diff:
+        lines = cache_mod.identity_diff(manifest, spec.identity)
+        if not lines:
             return manifest
         if not overwrite:
-            raise cache_mod.CacheError(
-                f"{cache_dir}: existing cache has another fingerprint, differing in {', '.join(diff)} "
-                f"({cache_mod.describe_diff(manifest.fingerprint, fingerprint, diff)}); "
-                "use another cache_dir or set score.overwrite=true to replace it")
+            raise cache_mod.CacheError(cache_mod.mismatch_message(
+                cache_dir, lines, "use another cache_dir, or set score.overwrite=true to replace this one"))
         for split in cache_mod.SPLITS:
             shutil.rmtree(cache_dir / split, ignore_errors=True)
         (cache_dir / cache_mod.MANIFEST).unlink()
     elif cache_dir.exists() and any(p.name != "tb" for p in cache_dir.iterdir()) and not overwrite:
         raise cache_mod.CacheError(f"{cache_dir}: folder exists, is not empty and holds no manifest; refusing to write into it")
-    return cache_mod.Manifest.new({**fingerprint, "created": cache_mod.now()})
+    return cache_mod.Manifest.new(spec.identity, spec.names, shard_size)
 
 
 def run_scoring(cfg: Config) -> ScoreResult:
     """Score the reference model over the train and eval splits into cfg's cache directory."""
-    from transformers import AutoTokenizer
-
     cache_dir = cfg.resolved_cache_dir()
-    # Everything that can be checked cheaply is checked before Ray starts.
-    if not cfg.data.train:
-        raise ValueError("data.train is empty: name a training source")
-    ref_dir = resolve_model_dir(cfg.ref_model())
-    data_fingerprint(cfg)  # fails now on a missing or unreadable source
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path() if cfg.model.tokenizer else str(ref_dir))
-
+    # Everything that can be checked without Ray is checked before it starts: the model and
+    # tokenizer resolve, the data reads (its identity streams every pair once, then is remembered).
+    ray_gpus = _cluster_gpus_hint()
+    spec = expected_cache(cfg, cfg.reference_dtype(ray_gpus))
     ray = init_ray(num_cpus=None)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    dtype = resolve_dtype(cfg.score.dtype, gpus > 0)
-    fingerprint = build_fingerprint(cfg, tokenizer, dtype, ref_dir)
-    manifest = prepare_cache_dir(cache_dir, fingerprint, cfg.score.overwrite)
+    if gpus != ray_gpus:  # joined a cluster whose GPUs differ from this machine's: dtype "auto" follows the cluster
+        spec = expected_cache(cfg, cfg.reference_dtype(gpus))
+    manifest = prepare_cache_dir(cache_dir, spec, cfg.score.shard_size, cfg.score.overwrite)
+    if manifest.shard_size != cfg.score.shard_size:
+        print(f"[dpo-dist] {cache_dir}: continuing with its own shard size {manifest.shard_size} "
+              f"(score.shard_size={cfg.score.shard_size} applies to new caches)", flush=True)
     n_actors = cfg.score.num_actors or (gpus if gpus else cfg.score.cpu_actors)
     actor_cls = ray.remote(RefScorer).options(
         num_gpus=1 if gpus else 0, num_cpus=1 if gpus else cfg.score.threads_per_actor, max_restarts=0)
-    actor_args = (str(ref_dir), cfg.tokenizer_path() if cfg.model.tokenizer else str(ref_dir), dtype,
-                  cfg.model.attn_implementation, cfg.score.threads_per_actor, cfg.data.max_length,
-                  cfg.data.max_prompt_length, cfg.data.truncation_mode, cfg.score.token_budget,
-                  "cuda" if gpus else "cpu")
+    actor_args = (str(spec.ref_dir), str(spec.tokenizer_dir), spec.identity["reference.dtype"],
+                  cfg.model.attn_implementation, cfg.model.trust_remote_code, cfg.score.threads_per_actor,
+                  cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation_mode,
+                  cfg.score.token_budget, "cuda" if gpus else "cpu")
     return _dispatch(cfg, manifest, cache_dir, lambda: actor_cls.remote(*actor_args), n_actors, ray)
+
+
+def _cluster_gpus_hint() -> int:
+    """GPUs this process sees: what an embedded Ray will offer (a joined cluster is asked later)."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult:
@@ -321,7 +238,7 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
     replaced: dict = {}  # dead actor -> its replacement, which inherits both of its slots
     in_flight: dict = {}
     writer = SummaryWriter(str(cache_dir / "tb"))
-    progress = tqdm(total=estimate_rows(cfg.data.train), unit="pair", desc="scoring", dynamic_ncols=True)
+    progress = tqdm(total=estimate_rows(cfg), unit="pair", desc="scoring", dynamic_ncols=True)
     started = time.perf_counter()
 
     def submit(actor, task: ShardTask) -> None:
@@ -362,7 +279,7 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
         idle.append(actor)
 
     try:
-        for task in plan_shards(cfg, reports, done):
+        for task in plan_shards(cfg, reports, done, manifest.shard_size):
             result.pairs += len(task.pairs)
             entry = manifest.splits[task.split]["shards"].get(str(task.index))
             path = cache_dir / task.split / cache_mod.shard_name(task.index)

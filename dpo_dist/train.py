@@ -3,31 +3,41 @@
     torchrun --nproc_per_node 8 launchers/train_dpo.py --config configs/pythia28b_hh.yaml [--resume]
     dpo-dist train --config configs/demo.yaml            # single node: starts torchrun for you
 
-Reads the cache memory-mapped (no reference model in memory), checks the step-0 identity
-(DESIGN.md invariant 3), logs rank-averaged metrics to TensorBoard, checkpoints, resumes, exports.
+Phases, each a function below: `prepare` (every check, before a model is built: the cache matches
+this config, the run folder belongs to this run), `build` (policy under ZeRO-3, engine, resume),
+`run_steps` (the loop: step-0 identity, metrics, eval, checkpoints, preemption), `finish` (final
+eval, export, final_metrics.json). No reference model is loaded: its values come from the cache.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_dist import cache as cache_mod
+from dpo_dist import checkpoints
 from dpo_dist.config import Config, to_yaml
-from dpo_dist.engine import (Dist, Engine, all_reduce, barrier, build_engine,
-                             compute_init, fill_ds_config, load_ds_json)
+from dpo_dist.engine import (Dist, Engine, all_reduce, barrier, build_engine, compute_init, fill_ds_config,
+                             load_ds_json, local_param_fraction, on_main, param_counts, precision, zero3_init)
+from dpo_dist.errors import UserError
 from dpo_dist.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
 from dpo_dist.sampler import BatchPlan
 
 CKPT = "checkpoints"
+STOP_FILE = "STOP"  # OUTPUT_DIR/STOP: stop after the current step with a checkpoint (see StopFlag)
+# Step-0 bounds on |policy - cached reference| per token, for any pair, when the policy is the
+# reference. float32 on both sides differs only by summation order (batch shapes, padding).
+# With a 16-bit side, the bound is measured: see README "Step-0 identity" and BENCHMARKS.md.
+STEP0_FP32_TOLERANCE = 1e-4
+STEP0_HALF_TOLERANCE = 0.08
 
 
-class Step0Error(RuntimeError):
-    pass
+class Step0Error(UserError):
+    """At step 0 the policy's log-probs differ from the cached reference values."""
 
 
 @dataclass
@@ -36,48 +46,89 @@ class TrainResult:
     final_metrics: dict
     eval_metrics: dict
     export_dir: Path | None
+    stopped_early: bool = False  # a signal asked to stop: saved, resume to continue
 
 
-# ----------------------------------------------------------------------------- checks
+@dataclass
+class Prepared:
+    """Everything decided before the model is built; the same on every rank."""
 
-def expected_fingerprint(cfg: Config, tokenizer, ref_dir: Path) -> dict:
-    """The fingerprint fields the trainer can check from its own config (not the raw data)."""
-    from dpo_dist.logps import LOGPS_VERSION
-    from dpo_dist.score import weights_hash
-    from dpo_dist.tokenize import tokenizer_fingerprint
-
-    tok = tokenizer_fingerprint(tokenizer)
-    return {"vocab_hash": tok["vocab_hash"], "special_tokens": tok["special_tokens"],
-            "chat_template_hash": tok["chat_template_hash"], "max_length": cfg.data.max_length,
-            "max_prompt_length": cfg.data.max_prompt_length, "truncation_mode": cfg.data.truncation_mode,
-            "ref_weights_hash": weights_hash(ref_dir), "logps_version": LOGPS_VERSION,
-            "cache_format": cache_mod.FORMAT_VERSION}
+    policy_dir: Path
+    tokenizer_dir: Path
+    identity: dict  # identity.run_identity
+    cache_dtype: str
+    policy_is_reference: bool  # same weights: the step-0 identity must hold
+    resume_step: int | None  # latest complete checkpoint, when resuming
+    finished: bool  # the run is complete (metrics, export): nothing to do
+    notes: list[str] = field(default_factory=list)  # printed by rank 0
 
 
-def check_cache(cfg: Config, tokenizer, ref_dir: Path) -> cache_mod.Manifest:
-    """Refuse a cache that is incomplete, corrupt, or built for another model/tokenizer/lengths."""
-    return cache_mod.open_cache(cfg.resolved_cache_dir(), expected_fingerprint(cfg, tokenizer, ref_dir))
+# ----------------------------------------------------------------------------- prepare
+
+def prepare(cfg: Config, dist: Dist, resume: bool, overwrite: bool) -> Prepared:
+    """Rank 0 checks the cache, the run folder and the resume point; every rank gets the answer.
+
+    Refuses (one line per field) a cache built for other work and a run folder started with other
+    result-changing settings; `overwrite` moves an old run aside first.
+    """
+    return on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
+
+
+def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> Prepared:
+    from dpo_dist import identity as ident
+    from dpo_dist.models import resolve_model_dir
+
+    out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / CKPT
+    manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
+    if manifest is None:
+        raise cache_mod.CacheError(f"{cfg.resolved_cache_dir()}: no reference cache here; run `dpo-dist score --config ...` first")
+    # score.dtype "auto" accepts what the scorer resolved it to (it depends on the scorer's GPUs).
+    dtype = manifest.fingerprint.get("reference.dtype", "float32") if cfg.score.dtype == "auto" else cfg.score.dtype
+    spec = ident.expected_cache(cfg, dtype)
+    cache_mod.open_cache(cfg.resolved_cache_dir(), spec.identity)
+    policy_dir = resolve_model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    policy_weights = ident.model_identity(policy_dir)
+    ds_raw = load_ds_json(cfg.train.deepspeed_config)
+    run_id = ident.run_identity(cfg, spec.identity, policy_weights, world_size, ds_raw)
+    notes = []
+    if overwrite and ident.has_run(out_dir):
+        aside = ident.set_aside(out_dir, keep=[cfg.resolved_cache_dir()], extra=[cfg.export_dir()])
+        notes.append(f"moved the earlier run in {out_dir} aside to {aside}")
+    same = ident.check_run(out_dir, run_id)
+    latest = checkpoints.latest_complete(ckpt_dir)
+    if latest is not None and not resume:
+        raise FileExistsError(f"{ckpt_dir}: checkpoints of this run up to step {latest}; pass --resume to continue "
+                              "it, --overwrite to start over (the old run is moved aside), or another output_dir")
+    (out_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was for the job that has ended
+    gone = checkpoints.remove_partials(ckpt_dir)
+    if gone:
+        notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "
+                     + (f"step-{latest}" if latest is not None else "the start"))
+    if not same or ident.read_run(out_dir) != run_id:  # new, or allowed to train longer
+        ident.write_run(out_dir, run_id, {"policy": cfg.model.name_or_path, **spec.names})
+    final = out_dir / "final_metrics.json"
+    finished = (resume and latest == run_id["train.steps"] and final.exists()
+                and (not cfg.export.enabled or cfg.export_dir().exists()))
+    if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
+        final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
+    return Prepared(policy_dir, spec.tokenizer_dir, run_id, dtype, policy_weights == spec.identity["reference.weights"],
+                    latest if resume else None, finished, notes)
 
 
 # ----------------------------------------------------------------------------- model
 
-def load_policy(cfg: Config, ds_config: dict, dist: Dist):
-    """from_pretrained under ZeRO-3 (partitioned at load), bf16, dropout off, optional LoRA."""
+def load_policy(cfg: Config, policy_dir: Path, ds_config: dict):
+    """from_pretrained under ZeRO-3 (partitioned at load), in the engine's dtype, every dropout off,
+    optional LoRA. Returns (model, keepalive): keep the second alive while the engine is built."""
     import torch
-    import torch._dynamo  # noqa: F401  (must be imported before zero.Init, see DESIGN.md)
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
 
-    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
-    keep = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841  (kept alive for from_pretrained)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype,
-                                                 attn_implementation=cfg.model.attn_implementation,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    for module in model.modules():  # DPO compares log-probs: the policy must be deterministic like the reference
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    model.config.use_cache = False
+    from dpo_dist.models import load_causal_lm
+
+    keep = zero3_init(ds_config)
+    model = load_causal_lm(policy_dir, dtype=getattr(torch, precision(ds_config)),
+                           attn_implementation=cfg.model.attn_implementation,
+                           trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False  # training never reuses past keys; export turns it back on
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
@@ -90,25 +141,6 @@ def load_policy(cfg: Config, ds_config: dict, dist: Dist):
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
     return model, keep
-
-
-def count_params(model) -> tuple[int, int]:
-    """(all, trainable) parameter counts, using ZeRO-3's full sizes when partitioned."""
-    total = trainable = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
-    return total, trainable
-
-
-def local_param_fraction(model) -> float:
-    """Share of all parameter elements held by this rank (1.0 unpartitioned, ~1/world under ZeRO-3)."""
-    full = local = 0
-    for p in model.parameters():
-        full += getattr(p, "ds_numel", p.numel())
-        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-    return local / max(full, 1)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -143,24 +175,48 @@ def dpo_forward(engine, batch: dict, cfg: Config) -> dict:
 
 def batch_metrics(out: dict) -> dict[str, float]:
     rc, rr = out["chosen_rewards"].float(), out["rejected_rewards"].float()
-    return {"loss": float(out["losses"].float().mean()), "rewards/chosen": float(rc.mean()),
+    return {"loss": float(out["losses"].detach().float().mean()), "rewards/chosen": float(rc.mean()),
             "rewards/rejected": float(rr.mean()), "rewards/accuracies": float((rc > rr).float().mean()),
             "rewards/margins": float((rc - rr).mean()), "logps/chosen": float(out["chosen_logps"].float().mean()),
             "logps/rejected": float(out["rejected_logps"].float().mean())}
 
 
-def step0_check(out: dict, batch: dict, dist: Dist, tolerance: float) -> dict[str, float]:
-    """Policy log-probs vs cached reference on the first batch, per token; raises beyond tolerance."""
+# ----------------------------------------------------------------------------- step-0 identity
+
+def step0_tolerance(cfg: Config, policy_dtype: str, cache_dtype: str) -> float:
+    """train.step0_tolerance, else the bound of the dtypes in play (per token, any pair)."""
+    if cfg.train.step0_tolerance is not None:
+        return cfg.train.step0_tolerance
+    both_fp32 = policy_dtype == "float32" and cache_dtype == "float32"
+    return STEP0_FP32_TOLERANCE if both_fp32 else STEP0_HALF_TOLERANCE
+
+
+def step0_stats(out: dict, batch: dict, dist: Dist) -> dict[str, float]:
+    """|policy - cached reference| log-probs on the first batch, per token (worst pair, mean) and per sequence."""
     import torch
 
-    diffs = torch.cat([(out["chosen_logps"] - batch["ref_chosen_logps"]).abs() / out["chosen_tokens"].clamp(min=1),
-                       (out["rejected_logps"] - batch["ref_rejected_logps"]).abs() / out["rejected_tokens"].clamp(min=1)])
     seq = torch.cat([(out["chosen_logps"] - batch["ref_chosen_logps"]).abs(),
                      (out["rejected_logps"] - batch["ref_rejected_logps"]).abs()])
-    stats = all_reduce({"mean_abs_diff_per_token": float(diffs.mean()), "mean_abs_diff": float(seq.mean()),
-                             "loss": float(out["losses"].float().mean())}, dist)
-    stats["max_abs_diff"] = all_reduce({"m": float(seq.max())}, dist, op="max")["m"]
+    per_token = seq / torch.cat([out["chosen_tokens"], out["rejected_tokens"]]).clamp(min=1)
+    stats = all_reduce({"mean_abs_diff_per_token": float(per_token.mean()), "loss": float(out["losses"].detach().float().mean())}, dist)
+    stats.update(all_reduce({"max_abs_diff_per_token": float(per_token.max()), "max_abs_diff": float(seq.max())}, dist, op="max"))
     return stats
+
+
+def check_step0(stats: dict, prepared: Prepared, tolerance: float, dist: Dist, writer) -> None:
+    """Log the step-0 differences (every run) and stop when the policy is the reference and they exceed the bound."""
+    writer.add_scalars_dict("step0", {**stats, "tolerance": tolerance, "applies": float(prepared.policy_is_reference)}, 0)
+    if dist.is_main:
+        what = (f"bound {tolerance:g}" if prepared.policy_is_reference
+                else "not checked: the policy's weights are not the reference's")
+        print(f"[dpo-dist] step-0 identity: loss {stats['loss']:.4f} (ln 2 = {math.log(2):.4f}), |policy - ref| per token: "
+              f"max {stats['max_abs_diff_per_token']:.2e}, mean {stats['mean_abs_diff_per_token']:.2e} ({what})", flush=True)
+    if prepared.policy_is_reference and stats["max_abs_diff_per_token"] > tolerance:
+        raise Step0Error(
+            f"step-0 identity failed: the policy has the reference's weights, yet its log-probs differ from the cached "
+            f"ones by up to {stats['max_abs_diff_per_token']:.4g} per token (bound {tolerance:g}, train.step0_tolerance). "
+            "The cache's values were altered, or the policy runs differently from the scorer (attention, dtype, "
+            "padding); see README troubleshooting")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -173,8 +229,7 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
 
     if len(split) == 0:
         return {}
-    lengths = split.lengths()
-    batches = length_batches(lengths, token_budget=10**12, max_items=cfg.train.micro_batch_size)
+    batches = length_batches(split.lengths(), token_budget=10**12, max_items=cfg.train.micro_batch_size)
     mine = batches[dist.rank::dist.world_size]
     rounds = math.ceil(len(batches) / dist.world_size)
     sums = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -196,41 +251,55 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
     return {k: v / total["pairs"] for k, v in total.items() if k != "pairs"}
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- preemption
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    f = ckpt_dir / "latest"
-    return f.read_text().strip() if f.exists() else None
+class StopFlag:
+    """SIGTERM or SIGUSR1 (Slurm's warning before a time limit or preemption) to any rank, or a file
+    OUTPUT_DIR/STOP (what slurm/dpo_hh.sbatch writes on its USR1), asks the loop to stop after the
+    current step, save, and exit 0, so a requeued job resumes where this one stopped."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-def save_checkpoint(engine: Engine, ckpt_dir: Path, step: int, plan: BatchPlan, dist: Dist, keep_last: int) -> None:
-    import torch
+    def __init__(self, stop_file: Path):
+        self.signal: int | None = None
+        self.stop_file = stop_file
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
-    state = {"step": step, "samples_consumed": step * plan.global_batch, "epoch": step // plan.steps_per_epoch,
-             "step_in_epoch": step % plan.steps_per_epoch, "torch_rng": torch.get_rng_state()}
-    engine.save(ckpt_dir, f"step-{step}", state)
-    barrier(dist)
-    if dist.is_main:
-        trainer_state = {k: v for k, v in state.items() if k != "torch_rng"}
-        (ckpt_dir / f"step-{step}" / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in tags[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(dist)
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def reason(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else f"{self.stop_file}"
+
+    def agreed(self, dist: Dist) -> bool:
+        """True on every rank when any rank was signalled or rank 0 sees the stop file (a collective)."""
+        asked = self.signal is not None or (dist.is_main and self.stop_file.exists())
+        return all_reduce({"stop": float(asked)}, dist, op="max")["stop"] > 0
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------- export
 
-def export_model(engine: Engine, cfg: Config, tokenizer, dist: Dist) -> Path | None:
-    """Gather the ZeRO-3 shards to rank 0 and write a Hugging Face model (or LoRA adapter) directory."""
+def export_model(engine: Engine, cfg: Config, prepared: Prepared, tokenizer, dist: Dist) -> Path:
+    """Gather the ZeRO-3 shards to rank 0 and write a Hugging Face model (or LoRA adapter) folder,
+    ready for generation: use_cache on, the policy's generation config and original dropout values."""
+    from dpo_dist.engine import release_zero3
+
     state = engine.full_state_dict()  # collective: every rank must call it
     out = cfg.export_dir()
     if dist.is_main:
+        import shutil
+
         import torch
         from transformers import AutoModelForCausalLM
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        unset_hf_deepspeed_config()  # plain (unpartitioned) models from here on
+        from dpo_dist.models import load_causal_lm, load_config
+
+        release_zero3()
+        original = load_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.model.lora.enabled:
@@ -238,17 +307,21 @@ def export_model(engine: Engine, cfg: Config, tokenizer, dist: Dist) -> Path | N
             if cfg.model.lora.merge_on_export:
                 from peft import PeftModel
 
-                base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.bfloat16)
+                base = load_causal_lm(prepared.policy_dir, dtype=torch.bfloat16, attn_implementation=cfg.model.attn_implementation,
+                                      trust_remote_code=cfg.model.trust_remote_code)
                 merged = PeftModel.from_pretrained(base, str(tmp)).merge_and_unload()
+                _ready_for_generation(merged, original)
                 merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp / "merged"))
         else:
-            config = engine.module.config
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(engine.module.config, dtype=torch.bfloat16,
+                                                     trust_remote_code=cfg.model.trust_remote_code)
             missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
             missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", []) and "lm_head" not in k]
             if missing or unexpected:
                 raise RuntimeError(f"export: gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            model.generation_config = engine.module.generation_config
+            _ready_for_generation(model, original)
             model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if out.exists():
@@ -258,141 +331,221 @@ def export_model(engine: Engine, cfg: Config, tokenizer, dist: Dist) -> Path | N
     return out
 
 
-# ----------------------------------------------------------------------------- main loop
+def _ready_for_generation(model, original) -> None:
+    """The exported config as the user's model had it: use_cache on, dropout values restored (the
+    trainer turned them off, models.disable_dropout; further fine-tuning may want them)."""
+    from dpo_dist.models import random_in_training
 
-def train(cfg: Config, resume: bool = False) -> TrainResult:
+    model.config.use_cache = True
+    for key, value in original.to_dict().items():
+        if random_in_training(key) and isinstance(value, (int, float)) and hasattr(model.config, key):
+            setattr(model.config, key, value)
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class Run:
+    """What the loop works with, built once on every rank."""
+
+    cfg: Config
+    dist: Dist
+    prepared: Prepared
+    engine: Engine
+    tokenizer: object
+    pad_id: int
+    train_split: cache_mod.CachedSplit
+    eval_split: cache_mod.CachedSplit
+    plan: BatchPlan
+    total_steps: int
+    start_step: int
+    writer: object
+    n_params: int
+    n_trainable: int
+    policy_dtype: str
+    local_fraction: float = 1.0  # share of the weights this rank holds (about 1/world under ZeRO-3)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
+    """Read the cache, plan the batches, build the engine, load the resume checkpoint."""
     import torch
-    from transformers import AutoTokenizer
 
-    from dpo_dist.score import resolve_model_dir
+    from dpo_dist.models import load_config, load_tokenizer
 
-    dist = compute_init()
-    torch.manual_seed(cfg.train.seed)
-    out_dir = Path(cfg.output_dir)
-    ckpt_dir = out_dir / CKPT
-    if ckpt_dir.exists() and latest_tag(ckpt_dir) and not resume:
-        raise FileExistsError(f"{ckpt_dir}: checkpoints from an earlier run; pass --resume to continue it, "
-                              "or choose another output_dir")
-
-    # Check everything cheap before building the model.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path())
+    tokenizer = load_tokenizer(prepared.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ref_dir = resolve_model_dir(cfg.ref_model())
-    manifest = check_cache(cfg, tokenizer, ref_dir)
+    manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
     train_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "train", manifest)
     eval_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "eval", manifest)
-    lengths = train_split.lengths()
     t = cfg.train
     plan = BatchPlan(len(train_split), t.micro_batch_size, t.gradient_accumulation_steps, dist.world_size, t.seed)
     if plan.steps_per_epoch == 0:
-        raise ValueError(f"{len(train_split)} training pairs do not fill one global batch of {plan.global_batch} "
-                         f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
-    total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
-    policy_is_ref = cfg.model.ref_name_or_path in (None, cfg.model.name_or_path)
-    final_file = out_dir / "final_metrics.json"
-    if resume and latest_tag(ckpt_dir) == f"step-{total_steps}" and final_file.exists() and (
-            not cfg.export.enabled or cfg.export_dir().exists()):
-        if dist.is_main:
-            print(f"[dpo-dist] training already complete ({total_steps} steps, {final_file}); nothing to do", flush=True)
-        final = json.loads(final_file.read_text())
-        return TrainResult(total_steps, final["train"], final["eval"], cfg.export_dir() if cfg.export.enabled else None)
-
-    from transformers import AutoConfig
-
-    hidden = getattr(AutoConfig.from_pretrained(cfg.model.name_or_path), "hidden_size", 1024)
+        raise UserError(f"{len(train_split)} training pairs do not fill one global batch of {plan.global_batch} "
+                        f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
+    total_steps = prepared.identity["train.steps"]
+    hidden = getattr(load_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code), "hidden_size", 1024)
     ds_config = fill_ds_config(load_ds_json(t.deepspeed_config), t, dist.world_size, hidden,
                                has_gpu=dist.device != "cpu", source=t.deepspeed_config)
-    model, _hf_ds = load_policy(cfg, ds_config, dist)
-    n_params, n_trainable = count_params(model)
+    torch.manual_seed(t.seed)
+    model, _keep = load_policy(cfg, prepared.policy_dir, ds_config)
+    n_params, n_trainable = param_counts(model)
     engine = build_engine(model, ds_config, t, total_steps)
-    local_fraction = all_reduce({"f": local_param_fraction(engine.module)}, dist)["f"]
-
     start_step = 0
-    if resume and latest_tag(ckpt_dir):
-        state = engine.load(ckpt_dir)
+    if prepared.resume_step:
+        state = engine.load(Path(cfg.output_dir) / CKPT, f"step-{prepared.resume_step}")
         start_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
-    writer = make_writer(out_dir / "tb", dist.is_main, purge_step=start_step + 1 if start_step else None)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```")
-        mean_len = sum(lengths) / max(len(lengths), 1)
-        print(f"[dpo-dist] world {dist.world_size} ({dist.device}), {len(train_split)} train / {len(eval_split)} eval pairs; "
-              f"per step: {plan.global_batch} pairs = micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} "
-              f"x world {dist.world_size}, ~{int(2 * plan.global_batch * mean_len):,} tokens; {total_steps} steps "
-              f"({plan.steps_per_epoch}/epoch, {plan.dropped_per_epoch} pairs/epoch left over); "
-              f"params {n_params:,} ({n_trainable:,} trainable); ZeRO stage {ds_config['zero_optimization']['stage']}, "
-              f"each rank holds {local_fraction:.0%} of the weights"
-              + (f"; resuming at step {start_step}" if start_step else ""), flush=True)
+    writer = make_writer(Path(cfg.output_dir) / "tb", dist.is_main, purge_step=start_step + 1 if start_step else None)
+    return Run(cfg, dist, prepared, engine, tokenizer, pad_id, train_split, eval_split, plan, total_steps,
+               start_step, writer, n_params, n_trainable, precision(ds_config))
 
+
+def announce(run: Run) -> None:
+    """Rank 0 prints the batch arithmetic and what each rank holds; the config goes to TensorBoard."""
+    cfg, t, plan, dist = run.cfg, run.cfg.train, run.plan, run.dist
+    fraction = all_reduce({"f": local_param_fraction(run.engine.module)}, dist)["f"]
+    run.local_fraction = fraction
+    if not dist.is_main:
+        return
+    for note in run.prepared.notes:
+        print(f"[dpo-dist] {note}", flush=True)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    (run.out_dir / "config.yaml").write_text(to_yaml(cfg))
+    run.writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```")
+    lengths = run.train_split.lengths()
+    mean_len = sum(lengths) / max(len(lengths), 1)
+    stage = run.prepared.identity["train.zero_stage"]
+    print(f"[dpo-dist] world {dist.world_size} ({dist.device}), {len(run.train_split)} train / {len(run.eval_split)} eval pairs; "
+          f"per step: {plan.global_batch} pairs = micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} "
+          f"x world {dist.world_size}, ~{int(2 * plan.global_batch * mean_len):,} tokens; {run.total_steps} steps "
+          f"({plan.steps_per_epoch}/epoch, {plan.dropped_per_epoch} pairs/epoch left over); "
+          f"params {run.n_params:,} ({run.n_trainable:,} trainable, {run.policy_dtype}); ZeRO stage {stage}, "
+          f"each rank holds {fraction:.0%} of the weights" + (f"; resuming at step {run.start_step}" if run.start_step else ""),
+          flush=True)
+
+
+def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, float]:
+    """Forward/backward over this rank's micro-batches of one optimizer step; rank-averaged metrics."""
+    cfg, dist, engine = run.cfg, run.dist, run.engine
+    started = time.perf_counter()
+    lr = engine.lr()  # the rate this step uses (the scheduler moves on at the step)
+    sums: dict[str, float] = {}
+    tokens = 0
+    for micro in micro_batches:
+        batch = collate([run.train_split[i] for i in micro], run.pad_id, dist.device)
+        out = dpo_forward(engine, batch, cfg)
+        if step == 0 and not sums:
+            tolerance = step0_tolerance(cfg, run.policy_dtype, run.prepared.cache_dtype)
+            check_step0(step0_stats(out, batch, dist), run.prepared, tolerance, dist, run.writer)
+        engine.backward(out["losses"].mean())
+        engine.step()
+        for key, value in batch_metrics(out).items():
+            sums[key] = sums.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
+        tokens += int(batch["attention_mask"].sum())
+    elapsed = time.perf_counter() - started
+    metrics = all_reduce(sums, dist)
+    total_tokens = all_reduce({"tokens": tokens}, dist, op="sum")["tokens"]
+    metrics.update({"lr": lr, "grad_norm": engine.grad_norm(), "tokens_per_sec": total_tokens / elapsed,
+                    "pairs_per_sec": run.plan.global_batch / elapsed, "memory_gb": memory_gb(dist.device)})
+    utilisation = mfu(run.n_params, run.n_trainable, total_tokens / elapsed / dist.world_size, peak_tflops(dist.device))
+    if utilisation is not None:
+        metrics["mfu"] = utilisation
+    return metrics
+
+
+def save(run: Run, step: int) -> None:
+    import torch
+
+    plan = run.plan
+    state = {"step": step, "samples_consumed": step * plan.global_batch, "epoch": step // plan.steps_per_epoch,
+             "step_in_epoch": step % plan.steps_per_epoch, "torch_rng": torch.get_rng_state()}
+    checkpoints.save(run.engine, run.out_dir / CKPT, step, state, run.dist, run.cfg.train.keep_last)
+
+
+def run_steps(run: Run) -> tuple[dict, int, bool]:
+    """The loop from start_step: returns (last train metrics, steps done, stopped early by a signal)."""
     from tqdm import tqdm
 
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", desc="training", disable=not dist.is_main,
-                    dynamic_ncols=True)
-    peak = peak_tflops(dist.device)
+    t, dist = run.cfg.train, run.dist
+    progress = tqdm(total=run.total_steps, initial=run.start_step, unit="step", desc="training",
+                    disable=not dist.is_main, dynamic_ncols=True, mininterval=5)
+    stop = StopFlag(run.out_dir / STOP_FILE)
     metrics: dict = {}
-    eval_metrics: dict = {}
-    epoch_cache: dict[int, list] = {}
-    engine.train()
-    for step in range(start_step, total_steps):
-        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: plan.epoch_micro_batches(epoch, lengths)}
-        started = time.perf_counter()
-        lr = engine.lr()  # the rate this step uses (the scheduler moves on at the step)
-        sums: dict[str, float] = {}
-        tokens = 0
-        for micro in plan.rank_step(epoch_cache[epoch], in_epoch, dist.rank):
-            batch = collate([train_split[i] for i in micro], pad_id, dist.device)
-            out = dpo_forward(engine, batch, cfg)
-            if step == 0 and not sums:
-                check = step0_check(out, batch, dist, t.step0_tolerance)
-                writer.add_scalars_dict("step0", check, 0)
+    epoch_plan: dict[int, list] = {}
+    lengths = run.train_split.lengths()
+    run.engine.train()
+    done = run.start_step
+    try:
+        for step in range(run.start_step, run.total_steps):
+            epoch, in_epoch = divmod(step, run.plan.steps_per_epoch)
+            if epoch not in epoch_plan:
+                epoch_plan = {epoch: run.plan.epoch_micro_batches(epoch, lengths)}
+            metrics = one_step(run, step, run.plan.rank_step(epoch_plan[epoch], in_epoch, dist.rank))
+            done = step + 1
+            if done % t.logging_steps == 0 or done == run.total_steps:
+                run.writer.add_scalars_dict("train", metrics, done)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            if t.eval_steps and done % t.eval_steps == 0 and done != run.total_steps:
+                run.writer.add_scalars_dict("eval", evaluate(run.engine, run.eval_split, run.cfg, dist, run.pad_id), done)
+            saved = (t.save_steps and done % t.save_steps == 0) or done == run.total_steps
+            if saved:
+                save(run, done)
+            if os.environ.get("DPO_DIST_CRASH_AFTER_STEP") == str(done):  # failure injection for resume tests
+                raise SystemExit(f"DPO_DIST_CRASH_AFTER_STEP={done}: simulated crash")
+            if done < run.total_steps and stop.agreed(dist):
+                if not saved:
+                    save(run, done)
                 if dist.is_main:
-                    print(f"[dpo-dist] step-0 identity: loss {check['loss']:.4f} (ln 2 = {math.log(2):.4f}), "
-                          f"mean |policy - ref| {check['mean_abs_diff_per_token']:.4f}/token, max {check['max_abs_diff']:.4f}/sequence",
-                          flush=True)
-                if policy_is_ref and check["mean_abs_diff_per_token"] > t.step0_tolerance:
-                    raise Step0Error(
-                        f"step-0 identity failed: policy log-probs differ from the cached reference by "
-                        f"{check['mean_abs_diff_per_token']:.4f} per token on average (tolerance "
-                        f"train.step0_tolerance={t.step0_tolerance}). The cache was scored with another model, "
-                        "tokenizer or code version, or the policy is not loaded as the reference; see README troubleshooting")
-            engine.backward(out["losses"].mean())
-            engine.step()
-            for key, value in batch_metrics(out).items():
-                sums[key] = sums.get(key, 0.0) + value / t.gradient_accumulation_steps
-            tokens += int(batch["attention_mask"].sum())
-        elapsed = time.perf_counter() - started
-        metrics = all_reduce(sums, dist)
-        total_tokens = all_reduce({"tokens": tokens}, dist, op="sum")["tokens"]
-        metrics.update({"lr": lr, "grad_norm": engine.grad_norm(), "tokens_per_sec": total_tokens / elapsed,
-                        "pairs_per_sec": plan.global_batch / elapsed, "memory_gb": memory_gb(dist.device)})
-        utilisation = mfu(n_params, n_trainable, total_tokens / elapsed / dist.world_size, peak)
-        if utilisation is not None:
-            metrics["mfu"] = utilisation
-        done = step + 1
-        if done % t.logging_steps == 0 or done == total_steps:
-            writer.add_scalars_dict("train", metrics, done)
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-        if t.eval_steps and done % t.eval_steps == 0 and done != total_steps:
-            eval_metrics = evaluate(engine, eval_split, cfg, dist, pad_id)
-            writer.add_scalars_dict("eval", eval_metrics, done)
-        if (t.save_steps and done % t.save_steps == 0) or done == total_steps:
-            save_checkpoint(engine, ckpt_dir, done, plan, dist, t.keep_last)
-        if os.environ.get("DPO_DIST_CRASH_AFTER_STEP") == str(done):  # failure injection for resume tests
-            raise SystemExit(f"DPO_DIST_CRASH_AFTER_STEP={done}: simulated crash")
-    progress.close()
-    eval_metrics = evaluate(engine, eval_split, cfg, dist, pad_id)
-    writer.add_scalars_dict("eval", eval_metrics, total_steps)
-    export_dir = export_model(engine, cfg, tokenizer, dist) if cfg.export.enabled else None
-    final = {"steps": total_steps, "world_size": dist.world_size, "local_param_fraction": local_fraction, "train": metrics, "eval": eval_metrics, "export_dir": str(export_dir) if export_dir else None}
+                    progress.write(f"[dpo-dist] {stop.reason()} received: stopped after step {done} and saved checkpoint "
+                                   f"step-{done}; resume (same command, --resume) to continue")
+                return metrics, done, True
+    finally:
+        stop.restore()
+        progress.close()
+    return metrics, done, False
+
+
+def finish(run: Run, metrics: dict) -> TrainResult:
+    """Final eval over the held-out split, export, final_metrics.json, hparams."""
+    cfg, dist, t = run.cfg, run.dist, run.cfg.train
+    eval_metrics = evaluate(run.engine, run.eval_split, cfg, dist, run.pad_id)
+    run.writer.add_scalars_dict("eval", eval_metrics, run.total_steps)
+    export_dir = export_model(run.engine, cfg, run.prepared, run.tokenizer, dist) if cfg.export.enabled else None
+    final = {"steps": run.total_steps, "world_size": dist.world_size, "local_param_fraction": run.local_fraction,
+             "train": metrics, "eval": eval_metrics, "export_dir": str(export_dir) if export_dir else None}
     if dist.is_main:
-        writer.add_hparams(flatten({"loss": cfg.loss.__dict__, "train": {"lr": t.lr, "micro_batch_size": t.micro_batch_size,
-                                    "gradient_accumulation_steps": t.gradient_accumulation_steps, "world_size": dist.world_size}}),
-                           {f"hparam/eval_{k.replace('/', '_')}": v for k, v in eval_metrics.items()})
-        final_file.write_text(json.dumps(final, indent=2))
-    writer.close()
-    return TrainResult(total_steps, metrics, eval_metrics, export_dir)
+        run.writer.add_hparams(flatten({"loss": cfg.loss.__dict__, "train": {
+            "lr": t.lr, "micro_batch_size": t.micro_batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "world_size": dist.world_size}}), {f"hparam/eval_{k.replace('/', '_')}": v for k, v in eval_metrics.items()})
+        cache_mod.atomic_write_bytes(run.out_dir / "final_metrics.json", json.dumps(final, indent=2).encode())
+    return TrainResult(run.total_steps, metrics, eval_metrics, export_dir)
+
+
+def finished_result(cfg: Config) -> TrainResult:
+    final = json.loads((Path(cfg.output_dir) / "final_metrics.json").read_text())
+    return TrainResult(final["steps"], final["train"], final["eval"], cfg.export_dir() if cfg.export.enabled else None)
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Prepare (all checks), build, run the steps, finish. Rerun with resume=True after a crash or a signal."""
+    dist = compute_init()
+    prepared = prepare(cfg, dist, resume, overwrite)
+    if prepared.finished:
+        if dist.is_main:
+            print(f"[dpo-dist] training already complete ({prepared.identity['train.steps']} steps, "
+                  f"{Path(cfg.output_dir) / 'final_metrics.json'}); nothing to do", flush=True)
+        return finished_result(cfg)
+    run = build(cfg, dist, prepared)
+    announce(run)
+    try:
+        metrics, done, stopped = run_steps(run)
+        if stopped:
+            return TrainResult(done, metrics, {}, None, stopped_early=True)
+        return finish(run, metrics)
+    finally:
+        run.writer.close()

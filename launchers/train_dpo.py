@@ -4,27 +4,48 @@
     srun torchrun --nnodes $SLURM_NNODES --nproc_per_node 8 --rdzv_backend c10d \
          --rdzv_endpoint $HEAD:29500 --rdzv_id $SLURM_JOB_ID launchers/train_dpo.py --config CFG --resume
 
---resume continues from the latest checkpoint in OUTPUT_DIR/checkpoints when there is one and
-starts fresh otherwise, so a requeued job can always pass it.
+--resume continues from the latest complete checkpoint in OUTPUT_DIR/checkpoints when there is
+one and starts fresh otherwise, so a requeued job can always pass it. A run folder started with
+other result-changing settings is refused; --overwrite moves it aside first. SIGTERM or SIGUSR1
+stops the run after the current step with a checkpoint (exit 0; rerun with --resume).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_dist.config import load_config  # noqa: E402
-from dpo_dist.train import train  # noqa: E402
+from dpo_dist.quiet import silence_known_noise  # noqa: E402
+
+silence_known_noise()
+
+from dpo_dist.config import load_config, resolve_paths  # noqa: E402
+from dpo_dist.errors import USER_ERRORS  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint if any")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint if any")
+    parser.add_argument("--overwrite", action="store_true", help="move an existing run in output_dir aside, then start over")
+    parser.add_argument("--base-dir", help="resolve relative paths in the config against this folder")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
-    train(load_config(args.config, args.overrides), resume=args.resume)
-    return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.base_dir:
+            cfg = resolve_paths(cfg, args.base_dir)
+        from dpo_dist.train import train
+
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except USER_ERRORS as e:  # the same one line on every rank; rank 0 prints it
+        if os.environ.get("DPO_DIST_DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0 if result else 1
 
 
 if __name__ == "__main__":

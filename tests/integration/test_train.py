@@ -1,13 +1,17 @@
 """DeepSpeed ZeRO-3 trainer, for real: 2 processes under torchrun (gloo, CPU), tiny models.
 
 One learning run (synthetic data with a learnable rule, held-out pairs never trained on) also
-serves the loss, TensorBoard, partitioning and export checks; a crashed-and-resumed copy of it
-must reproduce its per-step metrics and final weights.
+serves the loss, TensorBoard, partitioning and export checks; crashed, signalled and killed-mid-save
+copies of it must reproduce its final weights after resuming. Run folders and caches refuse reuse
+for other work, naming each differing field.
 """
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +73,20 @@ def weights(export_dir: Path) -> dict:
     return load_file(str(export_dir / "model.safetensors"))
 
 
+def assert_same_weights(got: dict, want: dict, init: dict) -> None:
+    """Equal to the uninterrupted run's weights, far inside how far training moved them."""
+    assert got.keys() == want.keys()
+    drift = max(float((want[k].float() - init[k].float()).abs().max()) for k in want)
+    worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+    assert drift > 1e-3, drift  # the run really moved the weights (by ~0.01 here)
+    assert worst <= 1e-3 * drift, f"max |resumed - uninterrupted| {worst:.3g} vs drift {drift:.3g}"
+
+
+def snapshot(folder: Path) -> dict:
+    """path -> (size, mtime_ns) of every file: shows that a refused command touched nothing."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def learned(work):
     run(DPO + ["train", *base("run_a")], work)
@@ -117,10 +135,7 @@ def test_crash_and_resume_reproduces_the_uninterrupted_run(work, learned):
         assert sorted(b[tag]) == list(range(1, 17)), tag
         for step in range(1, 17):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-3, abs=1e-4), (tag, step)
-    wa, wb = weights(learned / "export"), weights(work / "run_b" / "export")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert (wa[k].float() - wb[k].float()).abs().max() <= 1e-2, k
+    assert_same_weights(weights(work / "run_b" / "export"), weights(learned / "export"), weights(work / "model"))
 
 
 def test_lora_run_exports_an_adapter_and_a_merged_model(work):
@@ -142,39 +157,220 @@ def test_lora_run_exports_an_adapter_and_a_merged_model(work):
     assert peft_model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
     gen = pipeline("text-generation", model=str(export / "merged"))
     assert gen("hello", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("hello")
+    # The adapter was trained (lora_B starts at zero) and the merged model computes what it computes.
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(export / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)
+    import torch
+
+    merged = AutoModelForCausalLM.from_pretrained(export / "merged", dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32), export).eval()
+    with torch.no_grad():
+        a, b = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())  # merged weights are saved in bf16
+    assert json.loads((export / "merged" / "config.json").read_text())["use_cache"] is True
 
 
 def test_cache_from_another_model_is_refused(work):
     """Trainer config names a different policy/reference than the cache was scored with."""
     run(DPO + ["tiny-model", "other", "--seed", "1"], work)
     proc = run(DPO + ["train", *base("run_other", "model.name_or_path=other")], work, check=False)
-    assert proc.returncode != 0
-    assert "ref_weights_hash" in proc.stderr + proc.stdout
+    assert proc.returncode == 2
+    assert "reference.weights: sha256:" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_step0_identity_stops_a_run_whose_cache_values_are_wrong(work):
-    """Same fingerprint, but the cached reference values were altered: the step-0 check must stop it."""
-    import shutil
+def test_cache_from_other_data_is_refused(work):
+    """Same model and lengths, other pairs: the trainer compares the data identity too."""
+    run(DPO + ["synthetic", "other.jsonl", "--n", "512", "--seed", "5"], work)
+    proc = run(DPO + ["train", *base("run_other_data", "data.train=other.jsonl")], work, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stderr.splitlines() if ln.strip().startswith("data.train:"))
+    assert "512 pairs sha256:" in line and "->" in line
+    assert "Traceback" not in proc.stderr and not (work / "run_other_data").exists()
 
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
+def _tampered_cache(work: Path, name: str, per_token: float) -> Path:
+    """A copy of the cache whose chosen reference values are off by `per_token` nats per token
+    (checksums redone: only the step-0 identity can notice)."""
     from dpo_dist import cache as cache_mod
 
-    bad = work / "cache_bad"
+    bad = work / name
     shutil.copytree(work / "cache", bad)
     manifest = cache_mod.load_manifest(bad)
     for split in cache_mod.SPLITS:
         for entry in manifest.shard_entries(split):
             path = bad / split / entry["name"]
-            table = cache_mod.read_shard(path)
-            col = table.schema.get_field_index("ref_chosen_logps")
-            table = table.set_column(col, "ref_chosen_logps", pc.add(table.column(col), pa.scalar(30.0, pa.float32())))
-            entry.update(cache_mod.write_shard(path, table.to_pylist()))
+            rows = cache_mod.read_shard(path).to_pylist()
+            for r in rows:
+                r["ref_chosen_logps"] += per_token * r["chosen_num_tokens"]
+            entry.update(cache_mod.write_shard(path, rows))
     manifest.save(bad)
+    return bad
+
+
+def _fp32_ds_config(work: Path) -> Path:
+    ds = json.loads((REPO / "ds_configs" / "zero3_bf16.json").read_text())
+    ds["bf16"] = {"enabled": False}
+    path = work / "zero3_fp32.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def test_step0_identity_stops_a_run_whose_cache_values_are_wrong(work):
+    """Same identity, but the cached reference values were altered: the step-0 check must stop it."""
+    _tampered_cache(work, "cache_bad", per_token=1.0)
     proc = run(DPO + ["train", *base("run_bad", "cache_dir=cache_bad", "train.max_steps=2")], work, check=False)
-    assert proc.returncode != 0
-    assert "step-0 identity failed" in proc.stderr + proc.stdout
+    assert proc.returncode == 2
+    assert "step-0 identity failed" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_step0_identity_is_tight_in_float32_and_follows_weights_not_paths(work):
+    """float32 policy vs float32 cache must agree to 1e-4 per token; the reference named `./model`
+    is the policy `model` (same weights), so the check applies: 0.01 nats per token is refused."""
+    ds = _fp32_ds_config(work)
+    ok = run(DPO + ["train", *base("run_fp32", "train.max_steps=1", f"train.deepspeed_config={ds}",
+                                     "export.enabled=false", "model.ref_name_or_path=./model")], work)
+    out = ok.stdout + ok.stderr
+    assert "(bound 0.0001)" in out, out[-2000:]
+    s = scalars(work / "run_fp32" / "tb")
+    assert s["step0/max_abs_diff_per_token"][0] < 1e-4 and s["step0/applies"][0] == 1.0
+    _tampered_cache(work, "cache_off", per_token=0.01)
+    proc = run(DPO + ["train", *base("run_fp32_bad", "train.max_steps=1", f"train.deepspeed_config={ds}",
+                                       "cache_dir=cache_off", "model.ref_name_or_path=./model")], work, check=False)
+    assert proc.returncode == 2 and "step-0 identity failed" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_export_holds_the_trained_weights_and_is_ready_to_generate(work, learned):
+    """Scoring the eval split with the exported model gives the run's final eval metrics; the
+    config says use_cache: true and carries a generation config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist import cache as cache_mod
+    from dpo_dist.logps import concat_batch, concatenated_forward, split_chosen_rejected
+    from dpo_dist.loss import preference_loss
+
+    export = learned / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["use_cache"] is True and (export / "generation_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.bfloat16).eval()
+    split = cache_mod.CachedSplit(work / "cache", "eval", cache_mod.load_manifest(work / "cache"))
+    rows = [split[i] for i in range(len(split))]
+    margins, wins = [], 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 8):
+            chunk = rows[i:i + 8]
+            logps, _ = concatenated_forward(model, concat_batch(chunk, pad_token_id=2))
+            chosen, rejected = split_chosen_rejected(logps)
+            _, rc, rr = preference_loss(chosen, rejected, torch.tensor([r["ref_chosen_logps"] for r in chunk]),
+                                        torch.tensor([r["ref_rejected_logps"] for r in chunk]), beta=0.1)
+            margins += (rc - rr).tolist()
+            wins += int((rc > rr).sum())
+    final = json.loads((learned / "final_metrics.json").read_text())["eval"]
+    assert wins / len(rows) == pytest.approx(final["rewards/accuracies"], abs=0.02)
+    assert sum(margins) / len(margins) == pytest.approx(final["rewards/margins"], rel=0.02)
+    base_model = AutoModelForCausalLM.from_pretrained(work / "model")
+    assert final["rewards/margins"] > 0.5  # and the untrained model would give margin 0:
+    assert any(not torch.equal(p.float(), q.float()) for p, q in zip(model.parameters(), base_model.parameters()))
+
+
+def test_changed_settings_are_refused_before_any_work(work, learned):
+    """`train --resume` and `run` with another loss.beta into a finished run folder: refused, one line
+    per field, nothing touched; --overwrite moves the old run aside (never deleted)."""
+    before = snapshot(learned)
+    for cmd in (["train", "--resume"], ["run"]):
+        start = time.monotonic()
+        proc = run(DPO + [*cmd, *base("run_a", "loss.beta=0.5", "train.seed=8")], work, check=False)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        err = proc.stderr
+        assert "loss.beta: 0.1 -> 0.5" in err and "train.seed: 7 -> 8" in err and "--overwrite" in err, err
+        assert "Traceback" not in err and "torchrun" not in proc.stdout and time.monotonic() - start < 30
+    assert snapshot(learned) == before
+    # What may change on resume: cadence of logging, eval and saves, keep_last.
+    proc = run(DPO + ["train", "--resume", *base("run_a", "train.eval_steps=4", "train.keep_last=3",
+                                                  "train.logging_steps=2")], work)
+    assert "training already complete" in proc.stdout + proc.stderr
+
+
+def test_overwrite_moves_the_old_run_aside(work, learned):
+    copy = work / "run_copy"
+    shutil.copytree(learned, copy)
+    proc = run(DPO + ["train", "--overwrite", *base("run_copy", "loss.beta=0.5", "train.max_steps=2",
+                                                     "export.enabled=false")], work)
+    asides = list(work.glob("run_copy.replaced-*"))
+    assert len(asides) == 1 and (asides[0] / "final_metrics.json").exists() and (asides[0] / "export").is_dir()
+    assert "moved the earlier run" in proc.stdout
+    recorded = json.loads((copy / "run.json").read_text())["identity"]
+    assert recorded["loss.beta"] == 0.5 and recorded["train.steps"] == 2
+
+
+def test_sigterm_mid_run_saves_and_the_resumed_run_matches(work, learned):
+    """SIGTERM (or Slurm's SIGUSR1) mid-run: the ranks finish the step, save, exit; resuming gives
+    the uninterrupted run's final weights."""
+    out = work / "run_sig"
+    proc = subprocess.Popen(DPO + ["train", *base("run_sig")], cwd=work, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-8" / "COMPLETE").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    stopped = [ln for ln in text.splitlines() if "SIGTERM received: stopped after step" in ln]
+    assert stopped, text[-3000:]
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert 8 < step < 16 and (out / "checkpoints" / f"step-{step}" / "COMPLETE").exists()
+    assert not (out / "final_metrics.json").exists()
+    resumed = run(DPO + ["train", "--resume", *base("run_sig")], work)
+    assert f"resuming at step {step}" in resumed.stdout + resumed.stderr
+    assert_same_weights(weights(out / "export"), weights(learned / "export"), weights(work / "model"))
+
+
+def test_a_rank_killed_during_a_save_resumes_from_the_last_complete_checkpoint(work, learned):
+    """SIGKILL rank 1 after it wrote its shard of step-8 but before the checkpoint was marked complete:
+    step-8 is never resumed from; the run resumes at step 4 and ends with the uninterrupted weights.
+    Then training on to a larger max_steps is allowed on resume."""
+    out = work / "run_kill"
+    crashed = run(DPO + ["train", *base("run_kill", "train.save_steps=4")], work,
+                  {"DPO_DIST_KILL_DURING_SAVE": "8:1"}, check=False)
+    assert crashed.returncode != 0
+    assert (out / "checkpoints" / "step-8").is_dir() and not (out / "checkpoints" / "step-8" / "COMPLETE").exists()
+    assert (out / "checkpoints" / "step-4" / "COMPLETE").exists()
+    resumed = run(DPO + ["train", "--resume", *base("run_kill", "train.save_steps=4")], work)
+    text = resumed.stdout + resumed.stderr
+    assert "removed unfinished checkpoint(s) step-8" in text and "resuming at step 4" in text, text[-3000:]
+    assert_same_weights(weights(out / "export"), weights(learned / "export"), weights(work / "model"))
+    longer = run(DPO + ["train", "--resume", *base("run_kill", "train.save_steps=4", "train.max_steps=18")], work)
+    assert "resuming at step 16" in longer.stdout + longer.stderr
+    assert json.loads((out / "final_metrics.json").read_text())["steps"] == 18
+    assert json.loads((out / "final_metrics.step-16.json").read_text())["steps"] == 16
+
+
+def test_sweep_trains_each_run_from_one_cache(work):
+    """`dpo-dist sweep`: two runs, each in its own folder, one shared cache (not rescored); a run
+    that changes what the cache depends on is refused before any work."""
+    (work / "sweep.yaml").write_text("output_dir: sweep\nruns:\n  b01: [loss.beta=0.1]\n  ipo: {loss.loss_type: ipo, loss.beta: 0.5}\n")
+    args = ["model.name_or_path=model", "data.train=train.jsonl", "data.eval=eval.jsonl", "cache_dir=cache",
+            f"train.deepspeed_config={REPO}/ds_configs/zero3_bf16.json", "train.micro_batch_size=4",
+            "train.max_steps=2", "train.lr=1e-3", "export.enabled=false"]
+    before = snapshot(work / "cache")
+    proc = run(DPO + ["sweep", "sweep.yaml", *args], work)
+    out = proc.stdout
+    assert "scoring skipped" in out and snapshot(work / "cache") == before
+    for name, beta, loss_type in (("b01", 0.1, "sigmoid"), ("ipo", 0.5, "ipo")):
+        recorded = json.loads((work / "sweep" / name / "run.json").read_text())["identity"]
+        assert recorded["loss.beta"] == beta and recorded["loss.loss_type"] == loss_type
+        assert (work / "sweep" / name / "final_metrics.json").exists()
+        assert next(line for line in out.splitlines() if line.startswith(name + " "))
+    assert "tensorboard --logdir sweep" in out and json.loads((work / "sweep" / "sweep.json").read_text())["runs"][1]["name"] == "ipo"
+    again = run(DPO + ["sweep", "sweep.yaml", *args], work)
+    assert again.stdout.count("training already complete") == 2
+    (work / "bad_sweep.yaml").write_text("runs:\n  a: [loss.beta=0.2]\n  longer: [data.max_length=384]\n")
+    bad = run(DPO + ["sweep", "bad_sweep.yaml", *args], work, check=False)
+    assert bad.returncode == 2 and "bad_sweep.yaml:3: run 'longer': data.max_length=384 changes data" in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize("ds_config", ["zero2_bf16.json", "zero3_bf16_offload.json"])
@@ -184,4 +380,4 @@ def test_other_shipped_deepspeed_configs_train(work, ds_config):
                                       "train.max_steps=2", "export.enabled=false")], work)
     final = json.loads((work / out / "final_metrics.json").read_text())
     assert final["steps"] == 2 and final["export_dir"] is None
-    assert "step-0 identity: loss 0.69" in proc.stdout + proc.stderr
+    assert "step-0 identity: loss 0.69" in proc.stdout + proc.stderr and "bound 0.08" in proc.stdout

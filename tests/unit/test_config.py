@@ -6,7 +6,7 @@ from dpo_dist.config import Config, ConfigError, config_reference, load_config, 
 
 def test_yaml_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("train:\n  lr: 5e-7\n  micro_batch_size: 4\nloss:\n  beta: 0.2\n  params: {gamma: 1.0}\n")
+    p.write_text("train:\n  lr: 5e-7\n  micro_batch_size: 4\nloss:\n  loss_type: simpo\n  beta: 0.2\n  params: {gamma: 1.0}\n")
     cfg = load_config(str(p), ["train.lr=1e-5", "model.lora.enabled=true", "loss.params={rpo_alpha: 1}"])
     assert cfg.train.lr == 1e-5 and cfg.train.micro_batch_size == 4
     assert cfg.loss.beta == 0.2 and cfg.model.lora.enabled is True
@@ -18,7 +18,8 @@ def test_derived_values():
     cfg = load_config(None, ["output_dir=/x/run", "model.name_or_path=m"])
     assert str(cfg.resolved_cache_dir()) == "/x/run/cache" and str(cfg.export_dir()) == "/x/run/export"
     assert cfg.ref_model() == "m" and cfg.tokenizer_path() == "m"
-    assert load_config(None, ["model.name_or_path=m", "model.ref_name_or_path=r"]).ref_model() == "r"
+    other_ref = load_config(None, ["model.name_or_path=m", "model.ref_name_or_path=r"])
+    assert other_ref.ref_model() == "r" and other_ref.tokenizer_path() == "r"  # the cache's ids come from the reference's tokenizer
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -27,7 +28,9 @@ def test_derived_values():
     (["train.micro_batch_size=2.5"], "train.micro_batch_size must be int"),
     (["data.format=xml"], "data.format must be one of"),
     (["data.max_prompt_length=600"], "max_prompt_length"),
-    (["loss.beta=0"], "loss.beta must be > 0"),
+    (["loss.beta=0"], "override loss.beta=0: loss.beta: beta must be > 0"),
+    (["loss.loss_type=dpo"], "override loss.loss_type=dpo: loss.loss_type: unknown loss_type 'dpo'"),
+    (["loss.params={gamma: 1}"], "override loss.params={gamma: 1}: loss.params: unknown parameter 'gamma'"),
     (["nonsense"], "expected KEY=VALUE"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):

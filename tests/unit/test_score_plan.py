@@ -6,8 +6,8 @@ lazily here bounds the driver's memory by (2 x actors + 1) shards whatever the d
 import json
 
 from dpo_dist.config import load_config
-from dpo_dist.data import DataReport
-from dpo_dist.score import in_eval_fraction, plan_shards
+from dpo_dist.data import DataReport, in_eval_fraction
+from dpo_dist.score import plan_shards
 
 
 def test_plan_reads_the_source_one_shard_at_a_time(tmp_path):
@@ -17,7 +17,7 @@ def test_plan_reads_the_source_one_shard_at_a_time(tmp_path):
             f.write(json.dumps({"prompt": f"q{i}", "chosen": f" good {i}", "rejected": f" bad {i}"}) + "\n")
     cfg = load_config(None, [f"data.train={src}", "score.shard_size=100"])
     reports, done = {"train": DataReport(), "eval": DataReport()}, {}
-    plan = plan_shards(cfg, reports, done)
+    plan = plan_shards(cfg, reports, done, cfg.score.shard_size)
     first = next(plan)
     assert (first.split, first.index, len(first.pairs)) == ("train", 0, 100)
     assert reports["train"].rows == 100  # nothing beyond the first shard has been read

@@ -1,9 +1,12 @@
-"""Tokenization: joint-text equality, BOS/EOS, truncation rules of the original DPO code, messages."""
+"""Tokenization: joint-text equality, BOS/EOS, truncation rules of the original DPO code, messages.
+
+Real tokenizers (Qwen2's vocabulary, ChatML and Llama-3 templates) and property tests: test_tokenize_real.py.
+"""
 import pytest
 
 from dpo_dist.data import Pair, iter_pairs
 from dpo_dist.tiny import build_tokenizer
-from dpo_dist.tokenize import TokenizeReport, tokenize_pair
+from dpo_dist.tokenize import TOKENIZE_VERSION, TokenizeReport, tokenize_pair
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,38 @@ def test_messages_are_rendered_with_the_chat_template(llama_tok):
     rendered_prompt = llama_tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     assert t.prompt_input_ids == llama_tok(rendered_prompt, add_special_tokens=False)["input_ids"]
     assert "lovely day" in llama_tok.decode(t.chosen_input_ids) and "go away" in llama_tok.decode(t.rejected_input_ids)
+
+
+def test_template_end_of_turn_gets_no_second_eos(llama_tok):
+    """The tiny template closes assistant turns with "<|eos|>\n": the response is content, EOS, newline."""
+    p = pair([{"role": "user", "content": "hello there"}], [{"role": "assistant", "content": "hi"}],
+             [{"role": "assistant", "content": "no"}])
+    t = tokenize_pair(llama_tok, p, max_length=512, max_prompt_length=256)
+    newline = llama_tok.convert_tokens_to_ids("Ċ")  # byte-level "\n"
+    assert t.chosen_input_ids == llama_tok("hi", add_special_tokens=False)["input_ids"] + [1, newline]
+    assert t.rejected_input_ids == llama_tok("no", add_special_tokens=False)["input_ids"] + [1, newline]
+
+
+def test_text_prompt_starting_with_bos_gets_one_bos(llama_tok):
+    plain = llama_tok(P, add_special_tokens=False)["input_ids"]
+    t = tokenize_pair(llama_tok, pair("<|bos|>" + P, " yes.", " no.<|eos|>"), max_length=512,
+                      max_prompt_length=256)
+    assert t.prompt_input_ids == [0] + plain
+    assert t.rejected_input_ids == llama_tok(" no.", add_special_tokens=False)["input_ids"] + [1]  # EOS once
+
+
+def test_keep_end_truncation_keeps_the_templates_leading_special_token(llama_tok):
+    """Templated prompt <|user|> \n words... \n <|assistant|> \n cut to 6: <|user|> stays, then the last 5."""
+    p = pair([{"role": "user", "content": "please describe the red river " * 20}],
+             [{"role": "assistant", "content": "yes"}], [{"role": "assistant", "content": "no"}])
+    whole = tokenize_pair(llama_tok, p, max_length=4096, max_prompt_length=2048)
+    t = tokenize_pair(llama_tok, p, max_length=16, max_prompt_length=6, truncation_mode="keep_end")
+    assert whole.prompt_input_ids[0] == 4  # <|user|>
+    assert t.prompt_input_ids == [4] + whole.prompt_input_ids[-5:] and t.prompt_truncated
+
+
+def test_tokenize_version_marks_the_current_rules():
+    assert TOKENIZE_VERSION == 2
 
 
 def test_bad_arguments(neox_tok):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import skip_or_fail
+
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 TERMINAL_STATES = {
@@ -105,15 +107,15 @@ def slurm_cluster():
     have_slurm = all(shutil.which(b) or Path("/usr/sbin", b).exists()
                      for b in ("sbatch", "slurmctld", "slurmd"))
     if not have_slurm and not is_root:
-        pytest.skip("Slurm is not installed and we are not root (cannot apt-get install it)")
+        skip_or_fail("Slurm is not installed and we are not root (cannot apt-get install it)")
     if not have_slurm and not shutil.which("apt-get"):
-        pytest.skip("Slurm is not installed and apt-get is missing")
+        skip_or_fail("Slurm is not installed and apt-get is missing")
     if not is_root:
-        pytest.skip("the local Slurm cluster runs its daemons as root (SlurmUser=root)")
+        skip_or_fail("the local Slurm cluster runs its daemons as root (SlurmUser=root)")
 
     r = _sh("install")
     if r.returncode != 0:
-        pytest.skip(f"could not install Slurm: {r.stderr.strip()[-2000:]}")
+        skip_or_fail(f"could not install Slurm: {r.stderr.strip()[-2000:]}")
 
     was_running = _running(state_dir)
     t0 = time.monotonic()

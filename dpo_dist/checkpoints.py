@@ -1,0 +1,81 @@
+"""Checkpoints that survive preemption: a checkpoint counts only once its completion marker exists.
+
+Layout: OUTPUT_DIR/checkpoints/step-<N>/ (DeepSpeed's files of every rank, trainer_state.json,
+COMPLETE), and `latest` naming the newest complete one (for DeepSpeed's zero_to_fp32 tool). The
+marker is written last, by rank 0, after every rank has written its shard; a save cut short by a
+kill or a node failure leaves a folder without it, which is never resumed from and is removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from dpo_dist.cache import atomic_write_bytes
+from dpo_dist.engine import Dist, Engine, barrier
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+def step_of(path: Path) -> int | None:
+    name = path.name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def complete_steps(ckpt_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint, ascending."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(s for p in ckpt_dir.iterdir() if (s := step_of(p)) is not None and (p / COMPLETE).is_file())
+
+
+def latest_complete(ckpt_dir: Path) -> int | None:
+    steps = complete_steps(ckpt_dir)
+    return steps[-1] if steps else None
+
+
+def partial_dirs(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint folders without a completion marker (a save that never finished)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if step_of(p) is not None and not (p / COMPLETE).is_file())
+
+
+def remove_partials(ckpt_dir: Path) -> list[str]:
+    """Delete unfinished saves (rank 0, before resuming): nothing can be resumed from them, and a
+    later save of the same step must not mix with their files. Returns their names."""
+    gone = []
+    for p in partial_dirs(ckpt_dir):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+    return gone
+
+
+def save(engine: Engine, ckpt_dir: Path, step: int, state: dict, dist: Dist, keep_last: int) -> None:
+    """Every rank writes its shard; then rank 0 writes trainer_state.json, the marker and `latest`,
+    and prunes complete checkpoints beyond `keep_last` (0 keeps all). Collective."""
+    tag = f"step-{step}"
+    engine.save(ckpt_dir, tag, state)
+    _maybe_killed_during_save(step, dist)
+    barrier(dist)
+    if dist.is_main:
+        folder = ckpt_dir / tag
+        public = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
+        atomic_write_bytes(folder / "trainer_state.json", json.dumps(public, indent=2).encode())
+        atomic_write_bytes(folder / COMPLETE, f"{step}\n".encode())
+        atomic_write_bytes(ckpt_dir / LATEST, f"{tag}\n".encode())
+        steps = complete_steps(ckpt_dir)
+        for old in steps[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(ckpt_dir / f"step-{old}", ignore_errors=True)
+    barrier(dist)
+
+
+def _maybe_killed_during_save(step: int, dist: Dist) -> None:
+    """Failure injection for tests: DPO_DIST_KILL_DURING_SAVE=<step>:<rank> SIGKILLs that rank after
+    its shard is written and before the checkpoint is marked complete."""
+    spec = os.environ.get("DPO_DIST_KILL_DURING_SAVE", "")
+    if spec and spec == f"{step}:{dist.rank}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,215 @@
+"""`dpo-dist sweep`: many training runs against one reference cache ("score once, sweep many").
+
+A sweep file names override sets, one run each; every run trains into its own folder under the
+sweep folder and reads the one shared cache:
+
+    # sweep.yaml
+    output_dir: outputs/beta-sweep          # optional; default: the config's output_dir
+    runs:                                   # name -> overrides (a list of KEY=VALUE, or a mapping)
+      beta0.1: [loss.beta=0.1]
+      ipo:     {loss.loss_type: ipo, loss.beta: 0.5}
+    grid:                                   # and/or: every combination, named after the values
+      loss.beta: [0.05, 0.2]
+      train.lr: [5.0e-7, 1.0e-6]
+
+    dpo-dist sweep --config configs/demo.yaml sweep.yaml    # score once, train each run in turn
+    tensorboard --logdir outputs/beta-sweep                 # the runs side by side
+
+Runs may change the loss, optimizer, schedule, batch arithmetic, seed, policy or LoRA; anything
+the cache depends on (data, tokenization, reference, tokenizer, scoring dtype) belongs in the
+base config, and a run that changes it is refused, naming the field. On Slurm the same file drives
+an array job (slurm/dpo_sweep.sbatch), one task per run, after one scoring job.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dpo_dist.config import Config, ConfigError, load_config
+
+# Config fields a sweep run may not change: the shared cache depends on them (or the sweep sets them).
+_CACHE_FIELDS = ("data", "score", "model.ref_name_or_path", "model.tokenizer", "model.trust_remote_code",
+                 "output_dir", "cache_dir")
+
+
+@dataclass
+class SweepRun:
+    name: str
+    overrides: list[str]
+    line: int  # line of the sweep file that defines it
+
+
+@dataclass
+class Sweep:
+    path: Path
+    runs: list[SweepRun]
+    output_dir: str | None
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and check a sweep file; errors are one line, `file:line: what is wrong`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:1: expected a mapping with `runs:` and/or `grid:`")
+    sections = {key.value: value for key, value in root.value}
+    unknown = sorted(set(sections) - {"runs", "grid", "output_dir"})
+    if unknown:
+        node = next(k for k, _ in root.value if k.value == unknown[0])
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: unknown key {unknown[0]!r} (valid: runs, grid, output_dir)")
+    runs: list[SweepRun] = []
+    if "runs" in sections:
+        runs += _named_runs(path, sections["runs"])
+    if "grid" in sections:
+        runs += _grid_runs(path, sections["grid"])
+    if not runs:
+        raise ConfigError(f"{path}:1: no runs (give `runs:` and/or `grid:`)")
+    seen: dict[str, int] = {}
+    for run in runs:
+        if run.name in seen:
+            raise ConfigError(f"{path}:{run.line}: run name {run.name!r} is used twice (first at line {seen[run.name]})")
+        seen[run.name] = run.line
+    out = sections.get("output_dir")
+    return Sweep(path, runs, yaml.safe_load(yaml.serialize(out)) if out is not None else None)
+
+
+def _named_runs(path: Path, node) -> list[SweepRun]:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: `runs` must map run names to overrides")
+    runs = []
+    for key, value in node.value:
+        line = key.start_mark.line + 1
+        name = str(key.value)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name):
+            raise ConfigError(f"{path}:{line}: run name {name!r} must be letters, digits, and . _ = + - (it names a folder)")
+        items = yaml.safe_load(yaml.serialize(value))
+        if isinstance(items, dict):
+            overrides = [f"{k}={_yaml_value(v)}" for k, v in items.items()]
+        elif isinstance(items, list) and all(isinstance(i, str) and "=" in i for i in items):
+            overrides = list(items)
+        else:
+            raise ConfigError(f"{path}:{line}: run {name!r}: give a list of KEY=VALUE strings or a mapping of fields to values")
+        runs.append(SweepRun(name, overrides, line))
+    return runs
+
+
+def _grid_runs(path: Path, node) -> list[SweepRun]:
+    line = node.start_mark.line + 1
+    grid = yaml.safe_load(yaml.serialize(node))
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}:{line}: `grid` must map fields to non-empty lists of values")
+    runs = []
+    for values in itertools.product(*grid.values()):
+        pairs = list(zip(grid, values))
+        name = "-".join(f"{key.rsplit('.', 1)[-1]}{_yaml_value(v)}" for key, v in pairs)
+        runs.append(SweepRun(re.sub(r"[^A-Za-z0-9._=+-]", "_", name), [f"{k}={_yaml_value(v)}" for k, v in pairs], line))
+    return runs
+
+
+def _yaml_value(value) -> str:
+    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _touches(override: str, field: str) -> bool:
+    key = override.split("=", 1)[0].strip()
+    return key == field or key.startswith(field + ".") or field.startswith(key + ".")
+
+
+def plan(config_path: str | None, base_overrides: list[str], sweep: Sweep) -> tuple[Config, list[tuple[SweepRun, Config]]]:
+    """The base config (it owns the shared cache) and one config per run, all validated up front.
+
+    Run folders: SWEEP_ROOT/<name>, where SWEEP_ROOT is the sweep file's output_dir, else the base
+    config's output_dir. The cache: the base config's cache_dir, else SWEEP_ROOT/cache.
+    """
+    base = load_config(config_path, base_overrides)
+    root = Path(sweep.output_dir or base.output_dir)
+    cache = base.cache_dir or str(root / "cache")
+    base = load_config(config_path, [*base_overrides, f"output_dir={root}", f"cache_dir={cache}"])
+    runs = []
+    for run in sweep.runs:
+        for override in run.overrides:
+            bad = next((f for f in _CACHE_FIELDS if _touches(override, f)), None)
+            if bad:
+                raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r}: {override} changes {bad}, which the "
+                                  "shared cache depends on (or the sweep sets); put it in the base config")
+        if any(_touches(o, "model.name_or_path") for o in run.overrides) and not base.model.ref_name_or_path:
+            raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r} changes model.name_or_path while the reference "
+                              "defaults to the policy; set model.ref_name_or_path in the base config")
+        try:
+            cfg = load_config(config_path, [*base_overrides, *run.overrides, f"output_dir={root / run.name}", f"cache_dir={cache}"])
+        except ConfigError as e:
+            raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r}: {e}") from None
+        runs.append((run, cfg))
+    return base, runs
+
+
+def task_overrides(config_path: str | None, base_overrides: list[str], sweep: Sweep, index: int) -> list[str]:
+    """The overrides that make run `index` of the sweep (for a Slurm array task)."""
+    _, runs = plan(config_path, base_overrides, sweep)
+    if not 0 <= index < len(runs):
+        raise ConfigError(f"{sweep.path}: task {index} out of range: the sweep has {len(runs)} runs (0..{len(runs) - 1})")
+    run, cfg = runs[index]
+    return [*base_overrides, *run.overrides, f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}"]
+
+
+def results_table(runs: list[tuple[SweepRun, Config]]) -> str:
+    """One line per run: its overrides and final held-out metrics (or its state)."""
+    lines = [f"{'run':<24} {'eval acc':>8} {'margin':>8} {'loss':>8}  overrides"]
+    for run, cfg in runs:
+        final = Path(cfg.output_dir) / "final_metrics.json"
+        if final.exists():
+            ev = json.loads(final.read_text()).get("eval", {})
+            cells = [f"{ev.get(k, float('nan')):>8.3f}" for k in ("rewards/accuracies", "rewards/margins", "loss")]
+        else:
+            cells = [f"{'-':>8}"] * 3
+        lines.append(f"{run.name:<24} {' '.join(cells)}  {' '.join(run.overrides)}")
+    return "\n".join(lines)
+
+
+def run_sweep(config_path: str | None, base_overrides: list[str], sweep_path: str, overwrite: bool = False) -> int:
+    """Check every run folder, score once, train each run (finished ones are skipped), print the table."""
+    from dpo_dist.launch import num_procs, run_torchrun
+    from dpo_dist.pipeline import check_run_folder, ensure_cache
+
+    sweep = load_sweep(sweep_path)
+    base, runs = plan(config_path, base_overrides, sweep)
+    root = Path(base.output_dir)
+    print(f"[dpo-dist] sweep {sweep.path}: {len(runs)} runs into {root}/<run>, one cache {base.resolved_cache_dir()}", flush=True)
+    for run, cfg in runs:  # every refusal before any work
+        note = check_run_folder(cfg, num_procs(cfg)[0], overwrite)
+        if note:
+            print(f"[dpo-dist] {run.name}: {note}", flush=True)
+    ensure_cache(base)
+    failed = []
+    for i, (run, cfg) in enumerate(runs, 1):
+        print(f"[dpo-dist] run {i}/{len(runs)} {run.name}: {' '.join(run.overrides)}", flush=True)
+        overrides = [*base_overrides, *run.overrides, f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}"]
+        code = run_torchrun(cfg, config_path, overrides, resume=True)
+        if code != 0:
+            failed.append(run.name)
+            print(f"[dpo-dist] run {run.name} failed (exit {code}); the others go on; rerun the sweep to resume it", flush=True)
+    (root / "sweep.json").write_text(json.dumps({"sweep": str(sweep.path), "runs": [
+        {"name": run.name, "overrides": run.overrides, "output_dir": cfg.output_dir} for run, cfg in runs]}, indent=2))
+    print("\n" + results_table(runs))
+    print(f"\n  look at them side by side:  tensorboard --logdir {root}")
+    return 1 if failed else 0
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", metavar="SWEEP_FILE", help="YAML sweep file (runs: and/or grid:, see dpo_dist/sweep.py)")
+    p.add_argument("--overwrite", action="store_true", help="move runs started with other settings aside, then redo them")
+    p.add_argument("--list", action="store_true", help="print the runs (index, name, folder, overrides) and exit")
+    p.add_argument("--task-overrides", type=int, metavar="N",
+                   help="print the overrides of run N, one per line (a Slurm array task reads them), and exit")

@@ -1,0 +1,45 @@
+"""Test helpers shared by unit and integration tests (pytest puts tests/ on sys.path: `import helpers`)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class DpoTinyCustomConfig(LlamaConfig):
+    model_type = "dpo_tiny_custom"
+'''
+CUSTOM_MODELING = '''from transformers import LlamaForCausalLM
+
+from .configuration_dpo_tiny import DpoTinyCustomConfig
+
+
+class DpoTinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = DpoTinyCustomConfig
+'''
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer's machine; fail under CI (CI=true), where every prerequisite must be present."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and a prerequisite is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def write_custom_code_model(llama_dir: Path, out: Path) -> Path:
+    """A copy of a tiny Llama under a new model_type whose classes live in the folder (config auto_map):
+    it loads only with trust_remote_code=True, and computes exactly what the Llama does."""
+    shutil.copytree(llama_dir, out)
+    (out / "configuration_dpo_tiny.py").write_text(CUSTOM_CONFIG)
+    (out / "modeling_dpo_tiny.py").write_text(CUSTOM_MODELING)
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type="dpo_tiny_custom", architectures=["DpoTinyCustomForCausalLM"], auto_map={
+        "AutoConfig": "configuration_dpo_tiny.DpoTinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_dpo_tiny.DpoTinyCustomForCausalLM"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
