@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run)
 
     p = sub.add_parser("sweep", help="one cache, many runs: train every run of a sweep file (score once)")
+    sweep.add_sweep_args(p)  # SWEEP_FILE first: the overrides' nargs="*" would take it otherwise
     _add_config_args(p, base_dir=False)
-    sweep.add_sweep_args(p)
     p.set_defaults(run=_sweep)
 
     p = sub.add_parser("cache", help="inspect a reference cache")
@@ -107,7 +107,7 @@ def _train(args) -> int:
     from dpo_dist.pipeline import check_run_folder
 
     cfg = _load(args)  # validate before starting processes
-    note = check_run_folder(cfg, num_procs(cfg)[0], args.overwrite)  # refuse a foreign run folder now
+    note = check_run_folder(cfg, num_procs(cfg)[0], args.overwrite, check_cache=True)  # refuse before torchrun starts
     if note:
         print(f"[dpo-dist] {note}", flush=True)
     return run_torchrun(cfg, args.config, args.overrides, resume=args.resume, base_dir=args.base_dir)
@@ -131,6 +131,8 @@ def _sweep(args) -> int:
         for i, (run, cfg) in enumerate(runs):
             print(f"{i}\t{run.name}\t{cfg.output_dir}\t{' '.join(run.overrides)}")
         return 0
+    if args.slurm:
+        return sweep.submit_slurm(args.config, args.overrides, args.sweep, args.sbatch_args, args.score_sbatch_args, args.overwrite)
     return sweep.run_sweep(args.config, args.overrides, args.sweep, overwrite=args.overwrite)
 
 

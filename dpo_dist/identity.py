@@ -201,6 +201,20 @@ def expected_cache(cfg, dtype: str) -> CacheSpec:
     return CacheSpec(cache_identity(cfg, tokenizer, ref_dir, dtype), cache_names(cfg), ref_dir, tokenizer_dir)
 
 
+def training_cache(cfg, gpus: int = 0) -> CacheSpec:
+    """The cache a training run of `cfg` needs. score.dtype "auto" accepts the dtype the cache was
+    scored in (the scorer resolved it by the GPUs its actors had, which training cannot know); with
+    no cache yet, it resolves as a scorer with `gpus` GPUs would."""
+    from dpo_dist.cache import load_manifest
+
+    manifest = load_manifest(cfg.resolved_cache_dir())
+    if cfg.score.dtype == "auto":
+        dtype = manifest.fingerprint.get("reference.dtype", "float32") if manifest else cfg.reference_dtype(gpus)
+    else:
+        dtype = cfg.score.dtype
+    return expected_cache(cfg, dtype)
+
+
 def cache_names(cfg) -> dict[str, str]:
     """What the identity was computed from, as the user named it: shown, never compared."""
     return {"reference": cfg.ref_model(), "tokenizer": cfg.model.tokenizer or cfg.ref_model(),

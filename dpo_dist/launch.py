@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from dpo_dist.config import Config
@@ -51,13 +52,21 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
     args += ["--base-dir", base_dir] if base_dir else []
     cmd = torchrun_command(nproc, args)
     print(f"[dpo-dist] training: torchrun, {nproc} process(es)", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
-    previous = {s: signal.signal(s, lambda signum, _f: signal_ranks(proc.pid, signum)) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with tempfile.NamedTemporaryFile("r", prefix="dpo-dist-error-", suffix=".txt") as error_file:
+        env["DPO_DIST_ERROR_FILE"] = error_file.name  # the ranks' one-line user error, if any
+        proc = subprocess.Popen(cmd, env=env)
+        previous = {s: signal.signal(s, lambda signum, _f: signal_ranks(proc.pid, signum))
+                    for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        message = Path(error_file.name).read_text().strip()
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+    return code
 
 
 def signal_ranks(torchrun_pid: int, signum: int) -> None:

@@ -35,20 +35,24 @@ def cache_ready(cfg: Config, gpus: int | None = None) -> bool:
     return not cache_mod.identity_diff(manifest, spec.identity) and not cache_mod.verify(cfg.resolved_cache_dir())
 
 
-def check_run_folder(cfg: Config, world_size: int, overwrite: bool) -> str | None:
+def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache: bool = False) -> str | None:
     """Before any work: refuse an output_dir that holds a run with other result-changing settings,
-    or, with `overwrite`, move that run aside (returns where to). The trainer checks again."""
+    or, with `overwrite`, move that run aside (returns a note saying where to). With `check_cache`,
+    also refuse a cache that is missing, incomplete or built for other work. The trainer's ranks
+    check all of it again (they may be started by srun without this process)."""
     from dpo_dist import identity as ident
     from dpo_dist.engine import load_ds_json
     from dpo_dist.models import resolve_model_dir
 
     out_dir = Path(cfg.output_dir)
+    if check_cache:
+        cache_mod.open_cache(cfg.resolved_cache_dir(), ident.training_cache(cfg, local_gpus()).identity)
     if not ident.has_run(out_dir):
         return None
     if overwrite:
         aside = ident.set_aside(out_dir, keep=[cfg.resolved_cache_dir()], extra=[cfg.export_dir()])
         return f"moved the earlier run in {out_dir} aside to {aside}"
-    spec = ident.expected_cache(cfg, cfg.reference_dtype(local_gpus()))
+    spec = ident.training_cache(cfg, local_gpus())
     policy = ident.model_identity(resolve_model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code))
     ident.check_run(out_dir, ident.run_identity(cfg, spec.identity, policy, world_size, load_ds_json(cfg.train.deepspeed_config)))
     return None
@@ -101,6 +105,8 @@ def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], ove
         print(f"[dpo-dist] {note}", flush=True)
     ensure_cache(cfg)
     code = run_torchrun(cfg, config_path, overrides, resume=True, base_dir=base_dir)
+    if code == 2:  # the ranks refused the input; the error is printed
+        return code
     if code != 0:
         print(f"[dpo-dist] training failed (exit {code}); rerun the same command to resume from the last checkpoint")
         return code

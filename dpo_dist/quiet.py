@@ -14,6 +14,8 @@ def silence_known_noise() -> None:
     # DeepSpeed's comm layer calls a torch.distributed API that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed.*")
+    # peft and DeepSpeed still ask transformers for a renamed attribute (gradient checkpointing).
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is_gradient_checkpointing.*deprecated")
     # Per-file "Loading weights" / "Writing model shards" bars of transformers and the hub client:
     # our own bars cover scoring and training.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -18,7 +18,9 @@ sweep folder and reads the one shared cache:
 Runs may change the loss, optimizer, schedule, batch arithmetic, seed, policy or LoRA; anything
 the cache depends on (data, tokenization, reference, tokenizer, scoring dtype) belongs in the
 base config, and a run that changes it is refused, naming the field. On Slurm the same file drives
-an array job (slurm/dpo_sweep.sbatch), one task per run, after one scoring job.
+an array job (slurm/dpo_sweep.sbatch), one task per run, after one scoring job:
+
+    dpo-dist sweep --config configs/demo.yaml sweep.yaml --slurm --sbatch-args="--nodes 1"
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import argparse
 import itertools
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,9 +210,145 @@ def run_sweep(config_path: str | None, base_overrides: list[str], sweep_path: st
     return 1 if failed else 0
 
 
+# ----------------------------------------------------------------------------- Slurm
+
+SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
+# What `sweep --slurm` passes to the jobs itself; the same names in the caller's environment would
+# change every task's folders or settings behind the sweep's back.
+_JOB_VARIABLES = ("CONFIG", "SWEEP", "OVERRIDES", "OVERRIDES_FILE", "STAGES", "MODEL", "REF_MODEL", "DATA", "OUTPUT_DIR")
+
+
+@dataclass
+class JobShape:
+    """Nodes and training processes per node of one array task, as slurm/dpo_hh.sbatch will count them."""
+    nodes: int
+    gpus_per_node: int
+    procs_per_node: int
+    source: str  # where the numbers came from, shown to the user
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+def job_shape(sbatch_args: list[str], script: Path, env: dict) -> JobShape:
+    """The last --nodes/-N and --gpus-per-node in `sbatch_args`, else the script's #SBATCH lines (as
+    sbatch reads them), then GPUS_PER_NODE / NPROC_PER_NODE from `env` as the batch script does.
+    A node range (--nodes 2-4) counts its minimum: a job given more nodes has another world size."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("-N", "--nodes")
+    parser.add_argument("--gpus-per-node")
+    header = [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH ")]
+    found = {}
+    for origin, args in ((script.name, shlex.split(" ".join(header))), ("--sbatch-args", sbatch_args)):
+        given, _ = parser.parse_known_args(args)
+        found.update({key: (value, origin) for key, value in (("nodes", given.nodes), ("gpus", given.gpus_per_node)) if value})
+    nodes_text, nodes_from = found.get("nodes", ("1", "default"))
+    gpus_text, gpus_from = found.get("gpus", ("0", "default"))
+    try:
+        nodes = int(re.split(r"[-:]", nodes_text)[0])
+        gpus = int(env["GPUS_PER_NODE"]) if env.get("GPUS_PER_NODE") else int(gpus_text.rsplit(":", 1)[-1])
+        procs = int(env["NPROC_PER_NODE"]) if env.get("NPROC_PER_NODE") else (gpus or 1)
+    except ValueError as e:
+        raise ConfigError(f"cannot tell the world size of the array tasks ({e}): give --sbatch-args=\"--nodes N "
+                          "--gpus-per-node G\" or set GPUS_PER_NODE and NPROC_PER_NODE") from None
+    source = (f"nodes from {nodes_from}, GPUs per node from {'GPUS_PER_NODE' if env.get('GPUS_PER_NODE') else gpus_from}, "
+              f"processes per node from {'NPROC_PER_NODE' if env.get('NPROC_PER_NODE') else 'the GPUs (1 on CPU)'}")
+    return JobShape(nodes, gpus, procs, source)
+
+
+def _sbatch(args: list[str], env: dict) -> str:
+    import subprocess
+
+    cmd = ["sbatch", "--parsable", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"{' '.join(shlex.quote(a) for a in cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]  # "jobid" or "jobid;cluster"
+
+
+def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path: str, sbatch_args: str = "",
+                 score_sbatch_args: str = "", overwrite: bool = False) -> int:
+    """Check every run folder, then submit a scoring job (slurm/dpo_hh.sbatch, STAGES=score; none when
+    the cache is ready) and an array job (slurm/dpo_sweep.sbatch, one task per run) that starts after
+    the scoring job succeeds. Both run in this folder (the repository root) with this environment."""
+    import os
+    import shutil
+
+    from dpo_dist.pipeline import cache_ready, check_run_folder
+
+    if not config_path:
+        raise ConfigError("--slurm needs --config: the scoring job and every array task read that file")
+    if not shutil.which("sbatch"):
+        raise ConfigError("--slurm: sbatch not found on PATH; run this on a Slurm login node")
+    if not (os.environ.get("WORKDIR") or Path.cwd() == SLURM_DIR.parent or re.search(r"(^|\s)(--chdir|-D)", sbatch_args)):
+        raise ConfigError(f"--slurm: run this from the repository root {SLURM_DIR.parent} (the jobs run in the folder "
+                          "you submit from, and find the launchers and relative config paths there), or set WORKDIR")
+    sweep = load_sweep(sweep_path)
+    base, runs = plan(config_path, base_overrides, sweep)
+    root, cache = Path(base.output_dir), base.resolved_cache_dir()
+    env = {k: v for k, v in os.environ.items() if k not in _JOB_VARIABLES}
+    shape = job_shape(shlex.split(sbatch_args), SLURM_DIR / "dpo_sweep.sbatch", env)
+    print(f"[dpo-dist] sweep {sweep.path}: {len(runs)} runs into {root}/<run>, one cache {cache}", flush=True)
+    print(f"[dpo-dist] each array task trains on {shape.nodes} node(s) x {shape.procs_per_node} process(es) = world "
+          f"{shape.world_size} ({shape.source})", flush=True)
+    for run, cfg in runs:  # every refusal before anything is submitted
+        t = cfg.train
+        got = t.micro_batch_size * t.gradient_accumulation_steps * shape.world_size
+        if t.global_batch_size and t.global_batch_size != got:
+            raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r}: train.global_batch_size={t.global_batch_size} but "
+                              f"micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world "
+                              f"{shape.world_size} = {got}: change the nodes (--sbatch-args), NPROC_PER_NODE or the overrides")
+        note = check_run_folder(cfg, shape.world_size, overwrite)
+        if note:
+            print(f"[dpo-dist] {run.name}: {note}", flush=True)
+
+    slurm_dir = root / "slurm"
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    # Overrides travel in files, one per line, so that values with spaces survive.
+    base_file = (slurm_dir / "base.overrides").resolve()
+    base_file.write_text("".join(f"{o}\n" for o in base_overrides))
+    common = shlex.split(sbatch_args)
+    if cache_ready(base, gpus=shape.gpus_per_node):
+        score_job = None
+        print(f"[dpo-dist] reference cache {cache} is complete and matches: no scoring job", flush=True)
+    else:
+        score_file = (slurm_dir / "score.overrides").resolve()
+        score_file.write_text("".join(f"{o}\n" for o in [*base_overrides, f"output_dir={root}", f"cache_dir={base.cache_dir}"]))
+        score_job = _sbatch([*common, *shlex.split(score_sbatch_args), str(SLURM_DIR / "dpo_hh.sbatch")],
+                            {**env, "CONFIG": config_path, "STAGES": "score", "OVERRIDES_FILE": str(score_file)})
+        print(f"[dpo-dist] scoring job {score_job}: slurm/dpo_hh.sbatch with STAGES=score", flush=True)
+    array_args = [*common, f"--array=0-{len(runs) - 1}", *([f"--dependency=afterok:{score_job}"] if score_job else [])]
+    try:
+        array_job = _sbatch([*array_args, str(SLURM_DIR / "dpo_sweep.sbatch")],
+                            {**env, "CONFIG": config_path, "SWEEP": str(sweep.path.resolve()), "OVERRIDES_FILE": str(base_file)})
+    except ConfigError as e:
+        raise ConfigError(f"{e}" + (f" (the scoring job {score_job} was submitted: scancel {score_job})" if score_job else "")) from None
+    after = f", after job {score_job} succeeds" if score_job else ""
+    print(f"[dpo-dist] array job {array_job}: slurm/dpo_sweep.sbatch, tasks 0-{len(runs) - 1}{after}", flush=True)
+    for i, (run, cfg) in enumerate(runs):
+        print(f"  task {i}: {run.name:<20} {cfg.output_dir}  {' '.join(run.overrides)}")
+    (root / "sweep.json").write_text(json.dumps({"sweep": str(sweep.path), "runs": [
+        {"name": run.name, "overrides": run.overrides, "output_dir": cfg.output_dir} for run, cfg in runs],
+        "slurm": {"score_job": score_job, "array_job": array_job}}, indent=2))
+    jobs = ",".join(j for j in (score_job, array_job) if j)
+    print(f"\n  watch them:                 squeue -j {jobs}")
+    print(f"  look at them side by side:  tensorboard --logdir {root}")
+    if score_job:
+        print(f"  (if the scoring job fails, the array tasks wait forever with Reason=DependencyNeverSatisfied: scancel {array_job})")
+    return 0
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", metavar="SWEEP_FILE", help="YAML sweep file (runs: and/or grid:, see dpo_dist/sweep.py)")
     p.add_argument("--overwrite", action="store_true", help="move runs started with other settings aside, then redo them")
     p.add_argument("--list", action="store_true", help="print the runs (index, name, folder, overrides) and exit")
     p.add_argument("--task-overrides", type=int, metavar="N",
                    help="print the overrides of run N, one per line (a Slurm array task reads them), and exit")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit to Slurm instead: a scoring job (skipped when the cache is ready), then an array job "
+                   "of one task per run (slurm/dpo_sweep.sbatch) that starts after it succeeds")
+    p.add_argument("--sbatch-args", default="", metavar="ARGS",
+                   help='with --slurm: sbatch options for both jobs, given with = as they start with a dash: --sbatch-args="--nodes 1 --time 8:00:00"')
+    p.add_argument("--score-sbatch-args", default="", metavar="ARGS",
+                   help='with --slurm: sbatch options for the scoring job only, after --sbatch-args: --score-sbatch-args="--nodes 4"')

@@ -79,12 +79,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
     from dpo_dist.models import resolve_model_dir
 
     out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / CKPT
-    manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
-    if manifest is None:
-        raise cache_mod.CacheError(f"{cfg.resolved_cache_dir()}: no reference cache here; run `dpo-dist score --config ...` first")
-    # score.dtype "auto" accepts what the scorer resolved it to (it depends on the scorer's GPUs).
-    dtype = manifest.fingerprint.get("reference.dtype", "float32") if cfg.score.dtype == "auto" else cfg.score.dtype
-    spec = ident.expected_cache(cfg, dtype)
+    spec = ident.training_cache(cfg)
     cache_mod.open_cache(cfg.resolved_cache_dir(), spec.identity)
     policy_dir = resolve_model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     policy_weights = ident.model_identity(policy_dir)
@@ -111,7 +106,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
                 and (not cfg.export.enabled or cfg.export_dir().exists()))
     if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
         final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
-    return Prepared(policy_dir, spec.tokenizer_dir, run_id, dtype, policy_weights == spec.identity["reference.weights"],
+    return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
                     latest if resume else None, finished, notes)
 
 

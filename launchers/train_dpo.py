@@ -39,12 +39,16 @@ def main() -> int:
         from dpo_dist.train import train
 
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except USER_ERRORS as e:  # the same one line on every rank; rank 0 prints it
+    except USER_ERRORS as e:  # raised on every rank alike (checks are shared); rank 0 reports it
         if os.environ.get("DPO_DIST_DEBUG"):
             raise
+        error_file = os.environ.get("DPO_DIST_ERROR_FILE")
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+            if error_file:  # `dpo-dist train` prints it: exit 0 spares the user torchrun's failure report
+                Path(error_file).write_text(str(e))
+            else:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+        return 0 if error_file else 2
     return 0 if result else 1
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import skip_or_fail
+from slurm_jobs import DPO
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
@@ -134,3 +135,15 @@ def slurm_cluster():
     finally:
         if not was_running:
             _sh("stop", str(state_dir))
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    """A tiny llama and synthetic train/eval pairs, shared by the sbatch tests of this folder."""
+    d = tmp_path_factory.mktemp("sbatch")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for args in (["tiny-model", "model", "--seed", "0"],
+                 ["synthetic", "train.jsonl", "--n", "160", "--seed", "1"],
+                 ["synthetic", "eval.jsonl", "--n", "32", "--seed", "2", "--split", "eval"]):
+        subprocess.run(DPO + args, cwd=d, env=env, check=True, capture_output=True, timeout=300)
+    return d

@@ -7,74 +7,22 @@ Tiny llama, synthetic pairs, CPU, 1 CPU and 1 training process per node.
 from __future__ import annotations
 
 import json
-import os
-import random
-import socket
+import re
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from slurm_jobs import REPO, assert_clean_log, base_overrides, job_env
+
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[3]
 SBATCH = REPO / "slurm" / "dpo_hh.sbatch"
-DPO = [sys.executable, "-m", "dpo_dist.cli"]
 MAX_STEPS = 6
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
-
-
-def _ports(n: int, span: int = 1) -> list[int]:
-    """n ports (each with `span` consecutive free ports) in a range Linux does not hand out as
-    ephemeral ports, so that concurrent Ray clusters on this machine do not collide with the job's."""
-    rng = random.Random(os.getpid() ^ time.time_ns())
-    found: list[int] = []
-    while len(found) < n:
-        p = rng.randrange(20000, 30000)
-        if all(_free(p + i) for i in range(span)) and all(abs(p - q) > span for q in found):
-            found.append(p)
-    return found
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sbatch")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for args in (["tiny-model", "model", "--seed", "0"],
-                 ["synthetic", "train.jsonl", "--n", "160", "--seed", "1"],
-                 ["synthetic", "eval.jsonl", "--n", "32", "--seed", "2", "--split", "eval"]):
-        subprocess.run(DPO + args, cwd=d, env=env, check=True, capture_output=True, timeout=300)
-    return d
-
-
-def _env(c, work: Path, output_dir: str = "run", max_steps: int = MAX_STEPS) -> dict:
-    ray_port, dash_port, client_port, rdzv_port, agent_port = _ports(4) + _ports(1, span=2)
-    venv_bin = Path(sys.executable).parent
-    activate = (f"source {venv_bin / 'activate'}" if (venv_bin / "activate").exists()
-                else f"export PATH={venv_bin}:$PATH")
-    overrides = [f"model.name_or_path={work / 'model'}", f"data.train={work / 'train.jsonl'}",
-                 f"data.eval={work / 'eval.jsonl'}", f"cache_dir={work / 'cache'}",
-                 f"train.max_steps={max_steps}", "train.save_steps=3", "train.eval_steps=0",
-                 "score.cpu_actors=2", "score.shard_size=64"]
-    env = dict(c.env, CONFIG="configs/demo.yaml", OVERRIDES=" ".join(overrides), OUTPUT_DIR=str(work / output_dir),
-               GPUS_PER_NODE="0", NPROC_PER_NODE="1", ACTIVATE=activate, PYTHON="python",
-               RAY_PORT=str(ray_port), DASHBOARD_PORT=str(dash_port), RAY_CLIENT_PORT=str(client_port),
-               RDZV_PORT=str(rdzv_port), RAY_AGENT_PORT=str(agent_port),
-               RAY_OBJECT_STORE_MEMORY=str(200 * 1024 * 1024), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "OMP_NUM_THREADS", "VIRTUAL_ENV"):
-        env.pop(k, None)
-    return env
+def _env(c, work: Path, output_dir: str = "run", max_steps: int = MAX_STEPS, **more) -> dict:
+    return job_env(c, OVERRIDES=" ".join(base_overrides(work, max_steps, **more)), OUTPUT_DIR=work / output_dir)
 
 
 def _sbatch(c, env: dict, out: Path) -> str:
@@ -114,6 +62,11 @@ def test_sbatch_scores_on_two_ray_nodes_and_trains_on_two_slurm_nodes(first_job,
     assert "Ray cluster up" in text and "2 node(s)" in text, text
     assert "slurm_node_n1" in text and "slurm_node_n2" in text, text  # from `ray status`
     assert "reference scoring done" in text, text
+    # Ray is stopped on purpose: its steps end with exit 0, srun reports nothing
+    assert "Ray stopped (expected)" in text, text
+    assert_clean_log(text)
+    for log in (work / "run" / "slurm").glob("job-*/ray-*.log"):
+        assert "stopped (expected)" in log.read_text(errors="replace"), log
     manifest = json.loads((work / "cache" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["shards"], manifest
     # training: 2 nodes x 1 process
@@ -121,6 +74,7 @@ def test_sbatch_scores_on_two_ray_nodes_and_trains_on_two_slurm_nodes(first_job,
     assert final["world_size"] == 2 and final["steps"] == MAX_STEPS, final
     assert "world 2 (cpu)" in text, text
     assert "dpo-dist run finished" in text and "tensorboard --logdir" in text, text
+    assert text.rstrip().splitlines()[-1].strip() == f"look at it:  tensorboard --logdir {work / 'run' / 'tb'}", text[-3000:]
 
 
 def test_tensorboard_and_export(first_job, work):
@@ -144,27 +98,33 @@ def test_second_submission_skips_scoring_and_resumes(first_job, slurm_cluster, w
     assert final["world_size"] == 2 and final["steps"] == MAX_STEPS
 
 
-def test_time_limit_signal_requeues_and_training_resumes(first_job, slurm_cluster, work):
-    """--signal=B:USR1@300 arrives (sent by hand here): the script requeues the job; the rerun skips
-    scoring and resumes training from the latest checkpoint."""
+def test_time_limit_signal_stops_training_at_a_step_and_the_requeued_job_resumes_there(first_job, slurm_cluster, work):
+    """--signal=B:USR1@300 arrives (sent by hand here) mid-training: the script writes OUTPUT_DIR/STOP,
+    both nodes' ranks finish their step and save checkpoint step-N, the script requeues the job, and
+    the rerun skips scoring and resumes at step N. No checkpoint but that one (save_steps is large)."""
     c = slurm_cluster
     out = work / "requeue.out"
-    ckpt = work / "run_rq" / "checkpoints" / "latest"
+    max_steps = 30
     t0 = time.monotonic()
-    job = _sbatch(c, _env(c, work, output_dir="run_rq", max_steps=12), out)
+    job = _sbatch(c, _env(c, work, output_dir="run_rq", max_steps=max_steps, train__save_steps=1000), out)
     deadline = time.monotonic() + 300
-    while not ckpt.exists():
+    while "step-0 identity" not in (out.read_text(errors="replace") if out.exists() else ""):  # training started
         assert time.monotonic() < deadline and c.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (
             c.job_info(job), out.read_text(errors="replace") if out.exists() else "")
         time.sleep(0.5)
+    time.sleep(2)
     c.run("scancel", "--batch", "--signal=USR1", job)
-    info = c.wait(job, timeout=300)
+    info = c.wait(job, timeout=420)
     text = out.read_text(errors="replace")
     print(f"requeue: job {job} submit -> finished in {time.monotonic() - t0:.1f}s")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
     assert info["Restarts"] == "1", info
-    assert "time limit near: requeueing" in text and f"job {job} (restart 1)" in text, text
-    assert text.count("scoring skipped") == 2, text
-    assert "resuming at step" in text, text
+    assert "USR1 (time limit near) during train" in text and f"requeueing job {job}" in text, text
+    stopped = re.search(r"STOP received: stopped after step (\d+) and saved checkpoint step-(\d+)", text)
+    assert stopped and stopped[1] == stopped[2] and 0 < int(stopped[1]) < max_steps, text
+    assert f"job {job} (restart 1)" in text and text.count("scoring skipped") == 2, text
+    assert f"resuming at step {stopped[1]}" in text, text
+    assert "srun: error" not in text, text
     final = json.loads((work / "run_rq" / "final_metrics.json").read_text())
-    assert final["world_size"] == 2 and final["steps"] == 12, final
+    assert final["world_size"] == 2 and final["steps"] == max_steps, final
+    assert not (work / "run_rq" / "STOP").exists()

@@ -1,0 +1,91 @@
+"""`dpo-dist sweep --slurm` for real on the local 2-node Slurm cluster: one scoring job
+(slurm/dpo_hh.sbatch, STAGES=score, Ray over both nodes), then an array job (slurm/dpo_sweep.sbatch)
+of two 1-node training tasks, loss.beta 0.1 and 0.3, that starts only after the scoring job
+succeeded and reads the cache it wrote without touching it.
+
+Tiny llama, synthetic pairs, CPU, 1 CPU and 1 training process per task.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from slurm_jobs import DPO, REPO, assert_clean_log, base_overrides, job_env
+
+pytestmark = pytest.mark.integration
+MAX_STEPS = 4
+BETAS = {"b0.1": 0.1, "b0.3": 0.3}
+
+
+def _tasks(c, array_job: str) -> dict[str, dict]:
+    """`scontrol show job -o` of every task of an array job, by task id ("0", "1")."""
+    out = c.run("scontrol", "show", "job", "-o", array_job, check=False).stdout
+    tasks = {}
+    for line in out.splitlines():
+        info = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        if "ArrayTaskId" in info:
+            tasks[info["ArrayTaskId"]] = info
+    return tasks
+
+
+def test_sweep_on_slurm_scores_once_then_trains_every_run_in_an_array(slurm_cluster, work):
+    c = slurm_cluster
+    root = work / "sweep"
+    (work / "sweep_slurm.yaml").write_text(f"output_dir: {root}\nruns:\n"
+                                           + "".join(f"  {name}: [loss.beta={beta}]\n" for name, beta in BETAS.items()))
+    overrides = base_overrides(work, MAX_STEPS, cache="sweep_cache", train__save_steps=1000, export__enabled="false")
+    task_args = (f"--nodes=1 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 --time=10 --chdir={REPO} "
+                 f"--output={work}/sweep-%A_%a.out")
+    env = job_env(c)
+    del env["RDZV_PORT"]  # one port for all tasks would collide where tasks share a host: the default differs per job
+    t0 = time.monotonic()
+    submit = subprocess.run(
+        DPO + ["sweep", "--config", "configs/demo.yaml", str(work / "sweep_slurm.yaml"), *overrides, "--slurm",
+               f"--sbatch-args={task_args}", f"--score-sbatch-args=--nodes=2 --output={work}/sweep-score.out"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    out = submit.stdout
+    score_job = re.search(r"scoring job (\d+)", out)[1]
+    array_job = re.search(r"array job (\d+)", out)[1]
+    assert "1 node(s) x 1 process(es) = world 1" in out, out
+    assert f"squeue -j {score_job},{array_job}" in out and f"tensorboard --logdir {root}" in out, out
+
+    # The tasks wait for the scoring job; when it has succeeded, the cache is final.
+    pending = c.run("squeue", "-h", "-r", "-j", array_job, "-o", "%T %E").stdout.split()
+    assert pending == ["PENDING", f"afterok:{score_job}(unfulfilled)"] * len(BETAS), (pending, c.job_info(score_job))
+    score = c.wait(score_job, timeout=600)
+    score_log = (work / "sweep-score.out").read_text(errors="replace")
+    assert score["JobState"] == "COMPLETED" and score["ExitCode"] == "0:0", (score, score_log[-6000:])
+    assert score["NodeList"] == "n[1-2]" and "Ray cluster up" in score_log and "training is left to" in score_log, score_log
+    assert_clean_log(score_log)
+    manifest = (work / "sweep_cache" / "manifest.json").read_bytes()
+
+    tasks = {}
+    for task in map(str, range(len(BETAS))):
+        tasks[task] = c.wait(f"{array_job}_{task}", timeout=600)
+    print(f"sweep: scoring job {score_job} and array job {array_job} submit -> finished in {time.monotonic() - t0:.1f}s")
+    tasks = _tasks(c, array_job)
+    assert sorted(tasks) == ["0", "1"], tasks
+    for task, (name, beta) in zip(("0", "1"), BETAS.items()):
+        info = tasks[task]
+        log = (work / f"sweep-{array_job}_{task}.out").read_text(errors="replace")
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-6000:])
+        assert info["StartTime"] >= score["EndTime"], (info["StartTime"], score["EndTime"])  # ISO times sort as text
+        assert f"array job {array_job} task {task}" in log and "stages train" in log, log
+        assert "scoring skipped" in log and "scoring the reference" not in log and "Ray cluster up" not in log, log
+        assert "dpo-dist run finished" in log, log
+        assert_clean_log(log)
+        run = root / name
+        final = json.loads((run / "final_metrics.json").read_text())
+        assert final["steps"] == MAX_STEPS and final["world_size"] == 1, final
+        assert json.loads((run / "run.json").read_text())["identity"]["loss.beta"] == beta
+        assert any((run / "tb").glob("events.out.tfevents.*")), list(run.rglob("*"))
+        assert (run / "slurm" / f"task-{array_job}_{task}.overrides").read_text().splitlines()[-2:] == [
+            f"output_dir={run}", f"cache_dir={work / 'sweep_cache'}"]
+    # the array only read the cache
+    after = (work / "sweep_cache" / "manifest.json").read_bytes()
+    assert json.loads(after)["names"]["created"] == json.loads(manifest)["names"]["created"] and after == manifest
