@@ -77,15 +77,15 @@ def _load(args):
     Inside a `ray job submit --working-dir` job the current folder is Ray's uploaded copy: relative
     paths would read and write there, so they are refused unless --base-dir says where they live.
     """
-    from dpo_dist.config import ConfigError, load_config, relative_paths, resolve_paths
+    from dpo_dist.config import ConfigError, load_config, resolve_paths, unresolvable_paths
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "base_dir", None):
         return resolve_paths(cfg, args.base_dir)
     uploaded = "/runtime_resources/working_dir_files/" in os.getcwd() + "/"
-    if uploaded and relative_paths(cfg):
+    if uploaded and unresolvable_paths(cfg):
         raise ConfigError(f"running in Ray's uploaded copy of the working dir ({os.getcwd()}): the relative paths of "
-                          f"{', '.join(relative_paths(cfg))} would resolve there; pass --base-dir \"$PWD\" (the folder "
+                          f"{', '.join(unresolvable_paths(cfg))} would resolve there; pass --base-dir \"$PWD\" (the folder "
                           "you submit from, on a filesystem the cluster shares) or use absolute paths")
     return cfg
 

@@ -358,10 +358,19 @@ def looks_local(value: str) -> bool:
             or value.endswith((".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".yaml")))
 
 
-def relative_paths(cfg: Config) -> list[str]:
-    """Config fields holding relative paths that `resolve_paths` would change against another base."""
-    moved = resolve_paths(cfg, "/nonexistent-base")
-    return [d for d in _OUTPUT_PATHS + _INPUT_PATHS if _get(moved, d) != _get(cfg, d)]
+def unresolvable_paths(cfg: Config, here: str | Path = ".") -> list[str]:
+    """Config fields whose relative paths would not mean what the user meant if resolved in `here`:
+    outputs (written there), and local inputs that `here` does not hold. Hub names are fine."""
+    here = Path(here)
+    bad = []
+    for dotted in _OUTPUT_PATHS + _INPUT_PATHS:
+        value = _get(cfg, dotted)
+        if not value or Path(value).expanduser().is_absolute():
+            continue
+        exists = Path(str(here / value).replace("{split}", cfg.data.train_split)).exists()
+        if dotted in _OUTPUT_PATHS or (looks_local(value) and not exists):
+            bad.append(dotted)
+    return bad
 
 
 def to_yaml(cfg: Config) -> str:

@@ -121,7 +121,7 @@ def test_values_equal_single_pair_forward_on_hh(ray_cluster, tiny_model, hh_path
     cache = tmp_path / "cache"
     result = run_scoring(_cfg(tiny_model, hh_path, cache, "data.max_length=256", "data.max_prompt_length=128"))
     manifest = load_manifest(cache)
-    assert manifest.fingerprint["dtype"] == "float32"
+    assert manifest.fingerprint["reference.dtype"] == "float32"
     report = manifest.splits["train"]["report"]
     assert report["source"]["kept"] == 2303 and report["pairs"] == 2303 == result.pairs
     assert report["source"]["dropped"] == {"empty_response": 4, "prompt_mismatch": 5}
@@ -158,6 +158,69 @@ def test_values_equal_single_pair_forward_on_hh(ray_cluster, tiny_model, hh_path
                 worst = max(worst, abs(r[f"ref_{side}_logps"] - expected) / max(1.0, abs(expected)))
                 assert r[f"{side}_num_tokens"] == len(r[f"{side}_input_ids"])
     assert worst < 1e-5, f"largest relative difference {worst:.2e}"
+
+
+def test_values_equal_single_pair_forward_on_the_tiny_model(baseline, tiny_model):
+    """Always on (no data file needed): every cached value of the synthetic baseline equals a plain
+    one-pair-at-a-time float32 forward with its own log_softmax."""
+    manifest = load_manifest(baseline)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    worst, n = 0.0, 0
+    with torch.inference_mode():
+        for split in ("train", "eval"):
+            for entry in manifest.shard_entries(split):
+                for r in read_shard(baseline / split / entry["name"]).to_pylist():
+                    for side in ("chosen", "rejected"):
+                        expected = _reference_logps(model, r["prompt_input_ids"], r[f"{side}_input_ids"])
+                        worst = max(worst, abs(r[f"ref_{side}_logps"] - expected) / max(1.0, abs(expected)))
+                        n += 1
+    assert n == 1200 and worst < 1e-5, f"largest relative difference {worst:.2e}"
+
+
+def test_another_shard_size_completes_the_cache_with_its_own(baseline, tiny_model, synthetic_path, tmp_path):
+    """Shard size is not identity: an interrupted cache rescored with another score.shard_size is
+    completed with its own shards (same bytes as the baseline), and a complete one is used as it is."""
+    from dpo_dist.pipeline import cache_ready
+
+    cache = tmp_path / "cache"
+    shutil.copytree(baseline, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for split in ("train", "eval"):  # as if the run had stopped after 5 shards of each split
+        info = manifest["splits"][split]
+        for index in sorted(info["shards"], key=int)[5:]:
+            (cache / split / info["shards"].pop(index)["name"]).unlink()
+        info["num_shards"] = None
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    cfg = _cfg(tiny_model, synthetic_path, cache, *SYNTHETIC[:1], "score.shard_size=128", *SYNTHETIC[2:])
+    assert not cache_ready(cfg)
+    result = run_scoring(cfg)
+    assert result.skipped_shards == 10 and verify(cache) == []
+    assert _shard_hashes(cache) == _shard_hashes(baseline)
+    assert cache_ready(cfg) and cli_main(["cache", "info", str(cache)]) == 0
+    again = run_scoring(cfg)
+    assert again.scored_shards == 0 and again.skipped_shards == len(_shard_hashes(baseline))
+
+
+def test_trust_remote_code_reaches_the_scorer_and_cache_ready(ray_cluster, tiny_model, synthetic_path, tmp_path):
+    """A model with its own code: refused in one line without model.trust_remote_code, scored by the
+    Ray actors with it, and `cache ready` loads it the same way; values equal the plain Llama's."""
+    from helpers import write_custom_code_model
+
+    from dpo_dist.pipeline import cache_ready
+
+    custom = write_custom_code_model(tiny_model, tmp_path / "custom")
+    cache = tmp_path / "cache"
+    extra = ["data.max_samples=40", "score.shard_size=20", "score.cpu_actors=1"]
+    with pytest.raises(Exception, match="trust_remote_code") as refused:
+        run_scoring(_cfg(custom, synthetic_path, cache, *extra))
+    assert "\n" not in str(refused.value) and not cache.exists()
+    cfg = _cfg(custom, synthetic_path, cache, *extra, "model.trust_remote_code=true")
+    run_scoring(cfg)
+    assert cache_ready(cfg)
+    plain = tmp_path / "plain"
+    run_scoring(_cfg(tiny_model, synthetic_path, plain, *extra))
+    rows = lambda c: [r for e in load_manifest(c).shard_entries("train") for r in read_shard(c / "train" / e["name"]).to_pylist()]  # noqa: E731
+    assert [r["ref_chosen_logps"] for r in rows(cache)] == [r["ref_chosen_logps"] for r in rows(plain)]
 
 
 # ----------------------------------------------------------------------------- a real `ray start` cluster
@@ -200,6 +263,24 @@ def test_ray_job_submit_gives_identical_shards(baseline, tiny_model, synthetic_p
         log = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
         assert f"job python: {VENV_BIN / 'python'}" in log, log[-4000:]  # the job ran with the venv's python
+        # README's form: upload the repository, config paths relative to the submitting folder.
+        project = tmp_path / "project"
+        (project / "configs").mkdir(parents=True)
+        (project / "configs" / "score.yaml").write_text(
+            f"model: {{name_or_path: models/tiny}}\ndata: {{train: data/train.jsonl, eval_fraction: 0.1}}\n"
+            f"output_dir: outputs/run\ncache_dir: outputs/cache\nscore: {{shard_size: 16, cpu_actors: 2}}\n")
+        shutil.copytree(tiny_model, project / "models" / "tiny")
+        (project / "data").mkdir()
+        shutil.copy(synthetic_path, project / "data" / "train.jsonl")
+        submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--runtime-env-json", json.dumps(runtime_env), "--", "python", "launchers/score_ref.py",
+                  "--config", str(project / "configs" / "score.yaml")]
+        refused = subprocess.run(submit, env=env, cwd=project, capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0 and "--base-dir" in refused.stdout + refused.stderr, refused.stdout[-3000:]
+        based = subprocess.run(submit[:-2] + ["--base-dir", str(project), *submit[-2:]], env=env, cwd=project,
+                               capture_output=True, text=True, timeout=300)
+        assert based.returncode == 0, (based.stdout + based.stderr)[-4000:]
+        assert _shard_hashes(project / "outputs" / "cache") == _shard_hashes(baseline)
     finally:
         cluster = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
         head.send_signal(signal.SIGTERM)
@@ -290,7 +371,7 @@ def test_refuses_other_fingerprint_and_overwrites_when_asked(baseline, tiny_mode
     cache = tmp_path / "cache"
     shutil.copytree(baseline, cache)
     before = _file_bytes(cache)
-    with pytest.raises(CacheError, match=r"\bmax_length\b") as refused:
+    with pytest.raises(CacheError, match=r"data.max_length: 512 -> 384") as refused:
         run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_length=384"))
     assert "overwrite" in str(refused.value)
     assert _file_bytes(cache) == before  # manifest and shards untouched
@@ -298,7 +379,7 @@ def test_refuses_other_fingerprint_and_overwrites_when_asked(baseline, tiny_mode
     result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_length=384",
                               "score.shard_size=128", "score.overwrite=true"))
     manifest = load_manifest(cache)
-    assert manifest.fingerprint["max_length"] == 384 and verify(cache) == []
+    assert manifest.fingerprint["data.max_length"] == 384 and verify(cache) == []
     assert result.skipped_shards == 0 and manifest.rows("train") + manifest.rows("eval") == 600
     arrow_files = sorted(p.relative_to(cache) for p in cache.rglob("*.arrow"))
     listed = sorted(Path(s) / e["name"] for s in ("train", "eval") for e in manifest.shard_entries(s))

@@ -61,3 +61,29 @@ def test_reference_lists_every_leaf_field():
     for name in ("`train.lr`", "`model.lora.r`", "`loss.params`", "`score.shard_size`", "`output_dir`"):
         assert name in ref
     assert Config().train.lr == 5e-7
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1.0e-6\n")
+    with pytest.raises(ConfigError, match=r"^override train\.lr=abc: train\.lr must be float"):
+        load_config(str(p), ["train.lr=abc"])
+    p.write_text("train:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: train\.lr must be float"):
+        load_config(str(p), ["train.seed=1"])
+
+
+def test_paths_resolve_against_a_base_folder_hub_names_stay(tmp_path):
+    from dpo_dist.config import resolve_paths, unresolvable_paths
+
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    cfg = load_config(None, ["model.name_or_path=models/m", "model.ref_name_or_path=EleutherAI/pythia-2.8b",
+                             "data.train=data/{split}.jsonl.gz", "data.eval=Anthropic/hh-rlhf", "output_dir=outputs/run"])
+    moved = resolve_paths(cfg, tmp_path)
+    assert moved.model.name_or_path == str(tmp_path / "models/m") and moved.output_dir == str(tmp_path / "outputs/run")
+    assert moved.data.train == str(tmp_path / "data/{split}.jsonl.gz")  # looks like a file: always local
+    assert moved.model.ref_name_or_path == "EleutherAI/pythia-2.8b" and moved.data.eval == "Anthropic/hh-rlhf"
+    assert cfg.model.name_or_path == "models/m"  # the original is untouched
+    # In a folder that holds none of it (Ray's uploaded copy): outputs and missing local inputs.
+    assert unresolvable_paths(cfg, tmp_path / "elsewhere") == ["output_dir", "data.train", "train.deepspeed_config"]
+    assert unresolvable_paths(moved, tmp_path / "elsewhere") == []

@@ -40,3 +40,30 @@ def test_recipe_values_are_as_documented():
     assert (lora.train.micro_batch_size, lora.train.gradient_accumulation_steps) == (4, 4)
     opt = load_config(str(REPO / "configs/opt350m_lora.yaml"))
     assert opt.model.lora.target_modules == ["q_proj", "v_proj"] and opt.train.epochs == 3 and opt.train.lr == 2e-5
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if p.stem != "demo"], ids=lambda p: p.stem)
+def test_presets_name_hub_models_and_the_hub_dataset(path):
+    """Hub ids (dots and all) are valid ids; the data is the hub dataset Anthropic/hh-rlhf; each
+    preset names its own cache folder, outside its run folder, for sweeps to share."""
+    from huggingface_hub.utils import validate_repo_id
+
+    cfg = load_config(str(path))
+    for name in {cfg.model.name_or_path, cfg.ref_model()}:
+        if not name.startswith("outputs/"):  # an SFT checkpoint the user trains first
+            validate_repo_id(name)
+    assert cfg.data.train == cfg.data.eval == "Anthropic/hh-rlhf" and cfg.data.format == "hh"
+    assert cfg.cache_dir and not cfg.cache_dir.startswith(cfg.output_dir)
+
+
+def test_hh_through_datasets_with_a_data_dir(hh_path):
+    """The presets' data path (`datasets.load_dataset(name, data_dir=..., split=...)`), on a local
+    mirror of the hub dataset's layout: ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz."""
+    from dpo_dist.data import DataReport, iter_dataset
+
+    mirror = hh_path.parents[1]
+    cfg = load_config(str(REPO / "configs/smollm2_135m_lora_hh.yaml"),
+                      [f"data.train={mirror}", "data.eval=", "data.data_dir=harmless-base", "data.train_split=test"])
+    reports = {"train": DataReport(), "eval": DataReport()}
+    assert sum(1 for _ in iter_dataset(cfg.data, reports)) == 2303
+    assert reports["train"].to_dict() == {"rows": 2312, "kept": 2303, "dropped": {"empty_response": 4, "prompt_mismatch": 5}}
