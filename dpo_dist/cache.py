@@ -1,7 +1,7 @@
 """The reference cache: Arrow IPC shards of tokenized pairs with reference log-probs, and a manifest.
 
 Layout:  CACHE/manifest.json, CACHE/<split>/shard-00000.arrow, ...
-Shards are immutable and atomic (DESIGN.md invariant 4): written to a temporary name, fsynced,
+Shards are immutable and atomic (docs/DESIGN.md invariant 4): written to a temporary name, fsynced,
 renamed; their sha256 and row count are recorded in the manifest, which is itself replaced
 atomically. The manifest is the source of truth: a shard file it does not list is not part of the cache.
 """

@@ -1,7 +1,7 @@
 """The one boundary between the trainer and DeepSpeed: set-up, backward, step, checkpoints, export.
 
 The DeepSpeed JSON is the source of truth; `fill_ds_config` fills only its "auto" fields from the
-trainer config and asserts global batch = micro x accumulation x world (DESIGN.md invariant 6).
+trainer config and asserts global batch = micro x accumulation x world (docs/DESIGN.md invariant 6).
 """
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ from dpo_dist.errors import UserError
 
 
 class BatchArithmeticError(UserError, ValueError):
-    pass
+    """Batch sizes of the DeepSpeed JSON and the trainer config disagree."""
+
+
+class DeepSpeedConfigError(UserError, ValueError):
+    """The DeepSpeed JSON is missing, malformed, or has an "auto" field with no rule to fill it."""
 
 
 def _fill(node: dict, key: str, value: Any, where: str) -> None:
@@ -57,7 +61,7 @@ def fill_ds_config(ds: dict, train: TrainConfig, world_size: int, hidden_size: i
             _fill(zero, key, value, source)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ValueError(f"{source}: no rule to fill \"auto\" for {', '.join(leftover)}")
+        raise DeepSpeedConfigError(f"{source}: no rule to fill \"auto\" for {', '.join(leftover)}; give a value")
     return ds
 
 
@@ -76,7 +80,7 @@ def load_ds_json(path: str) -> dict:
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise DeepSpeedConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 # ----------------------------------------------------------------------------- distributed set-up

@@ -1,6 +1,6 @@
 """Sequence log-probabilities and the concatenated [chosen; rejected] batch.
 
-One function serves the Ray scorer and the trainer (DESIGN.md invariant 1): same shift, same
+One function serves the Ray scorer and the trainer (docs/DESIGN.md invariant 1): same shift, same
 masking, same dtype rule (float32 arithmetic whatever the logits dtype).
 """
 from __future__ import annotations

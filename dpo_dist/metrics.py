@@ -1,6 +1,6 @@
 """Metrics: a TensorBoard writer on rank 0 and a do-nothing one elsewhere; MFU and memory helpers.
 
-Tags follow DESIGN.md: train/loss, train/rewards/{chosen,rejected,accuracies,margins},
+Tags follow docs/DESIGN.md: train/loss, train/rewards/{chosen,rejected,accuracies,margins},
 train/logps/{chosen,rejected}, train/lr, train/grad_norm, train/tokens_per_sec, and eval/... .
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Loaders always pass the resolved directory to transformers, so hub access happen
 they pass `trust_remote_code` through everywhere: custom model code runs only when asked for.
 
 DPO compares policy log-probs with cached reference log-probs, so `load_causal_lm` turns off every
-dropout-like randomness (DESIGN.md invariant 3 holds in train mode too). torch, transformers and
+dropout-like randomness (docs/DESIGN.md invariant 3 holds in train mode too). torch, transformers and
 huggingface_hub are imported inside the functions, so importing this module stays cheap.
 """
 from __future__ import annotations

@@ -21,7 +21,8 @@ from typing import Iterator
 
 from dpo_dist import cache as cache_mod
 from dpo_dist.config import Config
-from dpo_dist.data import DataReport, Pair, iter_dataset
+from dpo_dist.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
+from dpo_dist.errors import UserError
 from dpo_dist.identity import CacheSpec, expected_cache
 
 
@@ -129,10 +130,10 @@ class RefScorer:
 
         from dpo_dist.batching import length_batches
         from dpo_dist.logps import concatenated_forward, sequence_batch
-        from dpo_dist.tokenize import TokenizeReport, tokenize_pair
+        from dpo_dist.tokenize import TokenizeReport
 
         report = TokenizeReport()
-        tokenized = [tokenize_pair(self.tokenizer, p, report=report, **self.tok_args) for p in task.pairs]
+        tokenized = [tokenize_row(self.tokenizer, p, report, self.tok_args) for p in task.pairs]
         # Sequence 2i is pair i's prompt + chosen, 2i + 1 its prompt + rejected.
         sequences = [(t.prompt_input_ids, r) for t in tokenized for r in (t.chosen_input_ids, t.rejected_input_ids)]
         logps, counts = [0.0] * len(sequences), [0] * len(sequences)
@@ -154,6 +155,21 @@ class RefScorer:
                 for i, t in enumerate(tokenized)]
         return {"rows": rows, "tokenize": report.to_dict(), "real_tokens": real, "padded_tokens": padded,
                 "forward_seconds": time.perf_counter() - start}
+
+
+def tokenize_row(tokenizer, pair: Pair, report, tok_args: dict):
+    """tokenize_pair, with a refusal (no chat template, a template that rewrites the prompt) naming the row."""
+    from dpo_dist.tokenize import tokenize_pair
+
+    try:
+        return tokenize_pair(tokenizer, pair, report=report, **tok_args)
+    except ValueError as e:
+        raise DataError(f"row {pair.row}: {e}") from None
+
+
+def source_name(cfg: Config, split: str) -> str:
+    """The source a split's rows come from (eval pairs held out by fraction come from train)."""
+    return cfg.data.eval if split == "eval" and cfg.data.eval else cfg.data.train
 
 
 # ----------------------------------------------------------------------------- driver
@@ -200,6 +216,7 @@ def run_scoring(cfg: Config) -> ScoreResult:
     # tokenizer resolve, the data reads (its identity streams every pair once, then is remembered).
     ray_gpus = _cluster_gpus_hint()
     spec = expected_cache(cfg, cfg.reference_dtype(ray_gpus))
+    _tokenize_first_pairs(cfg, spec)
     ray = init_ray(num_cpus=None)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus != ray_gpus:  # joined a cluster whose GPUs differ from this machine's: dtype "auto" follows the cluster
@@ -218,6 +235,25 @@ def run_scoring(cfg: Config) -> ScoreResult:
     return _dispatch(cfg, manifest, cache_dir, lambda: actor_cls.remote(*actor_args), n_actors, ray)
 
 
+def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
+    """Tokenize the first pair of each source here, so a tokenizer that cannot take the data (messages
+    without a chat template) is refused in one line before any actor starts."""
+    from dpo_dist.models import load_tokenizer
+    from dpo_dist.tokenize import TokenizeReport
+
+    tokenizer = load_tokenizer(spec.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
+    tok_args = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                    truncation_mode=cfg.data.truncation_mode)
+    for split in ("train", "eval") if cfg.data.eval else ("train",):
+        pair = next(iter_pairs(source_name(cfg, split), **source_options(cfg.data, split)), None)
+        if pair is None:
+            continue
+        try:
+            tokenize_row(tokenizer, pair, TokenizeReport(), tok_args)
+        except DataError as e:
+            raise DataError(f"{source_name(cfg, split)}: {e}") from None
+
+
 def _cluster_gpus_hint() -> int:
     """GPUs this process sees: what an embedded Ray will offer (a joined cluster is asked later)."""
     import torch
@@ -226,7 +262,7 @@ def _cluster_gpus_hint() -> int:
 
 
 def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult:
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -263,6 +299,10 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
         actor, task = in_flight.pop(ready[0])
         try:
             out = ray.get(ready[0])
+        except RayTaskError as e:  # the actor lives; its shard has input it refuses (one line, no traceback)
+            if isinstance(e.cause, UserError):
+                raise type(e.cause)(f"{source_name(cfg, task.split)}: {e.cause}") from None
+            raise
         except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
             task.attempts += 1
             if task.attempts > cfg.score.max_retries:

@@ -1,6 +1,6 @@
 """Tokenize preference pairs once: prompt ids, chosen and rejected response ids, truncation.
 
-The cache stores these ids, so training never re-tokenizes (DESIGN.md invariant 1).
+The cache stores these ids, so training never re-tokenizes (docs/DESIGN.md invariant 1).
 Truncation follows the original DPO code (arXiv:2305.18290, eric-mitchell/direct-preference-optimization):
 if prompt + longer response exceeds max_length, cut the prompt to max_prompt_length; if still too
 long, cut both responses to max_length - len(prompt). The run of special tokens that starts the
