@@ -25,12 +25,15 @@ export HF_HUB_OFFLINE ?= 1
 
 install: $(VENV)/.installed
 
+# pip's output goes to a log: its warnings are not ours to show, its errors are (tail on failure).
 $(VENV)/.installed: setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
-	touch $@
+	@echo "[make] setting up $(VENV): $(TORCH_SPEC), then dpo-dist[test] (a minute or two; log: $(VENV)/install.log)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@( $(PY) -m pip install -q --upgrade pip && \
+	   $(PY) -m pip install -q "$(TORCH_SPEC)" && \
+	   $(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)" ) > $(VENV)/install.log 2>&1 || \
+	   { tail -n 40 $(VENV)/install.log; echo "[make] install failed; full log: $(VENV)/install.log"; exit 1; }
+	@touch $@
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -39,9 +42,9 @@ test-fast: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 demo: install
-	test -f $(DEMO)/model/config.json || $(DPO) tiny-model $(DEMO)/model --seed 0
-	test -f $(DEMO)/train.jsonl || $(DPO) synthetic $(DEMO)/train.jsonl --n 480 --seed 1
-	test -f $(DEMO)/eval.jsonl || $(DPO) synthetic $(DEMO)/eval.jsonl --n 96 --seed 2 --split eval
+	@test -f $(DEMO)/model/config.json || $(DPO) tiny-model $(DEMO)/model --seed 0
+	@test -f $(DEMO)/train.jsonl || $(DPO) synthetic $(DEMO)/train.jsonl --n 480 --seed 1
+	@test -f $(DEMO)/eval.jsonl || $(DPO) synthetic $(DEMO)/eval.jsonl --n 96 --seed 2 --split eval
 	$(DPO) run --config configs/demo.yaml $(DEMO_OVERRIDES)
 
 bench: install

@@ -27,8 +27,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,7 +215,6 @@ def run_sweep(config_path: str | None, base_overrides: list[str], sweep_path: st
 
 # ----------------------------------------------------------------------------- Slurm
 
-SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
 # What `sweep --slurm` passes to the jobs itself; the same names in the caller's environment would
 # change every task's folders or settings behind the sweep's back.
 _JOB_VARIABLES = ("CONFIG", "SWEEP", "OVERRIDES", "OVERRIDES_FILE", "STAGES", "MODEL", "REF_MODEL", "DATA", "OUTPUT_DIR")
@@ -258,8 +260,6 @@ def job_shape(sbatch_args: list[str], script: Path, env: dict) -> JobShape:
 
 
 def _sbatch(args: list[str], env: dict) -> str:
-    import subprocess
-
     cmd = ["sbatch", "--parsable", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -272,23 +272,27 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
     """Check every run folder, then submit a scoring job (slurm/dpo_hh.sbatch, STAGES=score; none when
     the cache is ready) and an array job (slurm/dpo_sweep.sbatch, one task per run) that starts after
     the scoring job succeeds. Both run in this folder (the repository root) with this environment."""
-    import os
-    import shutil
-
     from dpo_dist.pipeline import cache_ready, check_run_folder
 
     if not config_path:
         raise ConfigError("--slurm needs --config: the scoring job and every array task read that file")
     if not shutil.which("sbatch"):
         raise ConfigError("--slurm: sbatch not found on PATH; run this on a Slurm login node")
-    if not (os.environ.get("WORKDIR") or Path.cwd() == SLURM_DIR.parent or re.search(r"(^|\s)(--chdir|-D)", sbatch_args)):
-        raise ConfigError(f"--slurm: run this from the repository root {SLURM_DIR.parent} (the jobs run in the folder "
-                          "you submit from, and find the launchers and relative config paths there), or set WORKDIR")
+    # The jobs run in WORKDIR, else the folder sbatch is called from, and find launchers/, slurm/
+    # and relative config paths there.
+    slurm_scripts = Path(os.environ.get("WORKDIR") or Path.cwd()) / "slurm"
+    if not (slurm_scripts / "dpo_sweep.sbatch").is_file():
+        raise ConfigError(f"--slurm: no slurm/dpo_sweep.sbatch in {slurm_scripts.parent}: run this from the repository "
+                          "root (the jobs run in the folder you submit from), or set WORKDIR to it")
     sweep = load_sweep(sweep_path)
     base, runs = plan(config_path, base_overrides, sweep)
     root, cache = Path(base.output_dir), base.resolved_cache_dir()
     env = {k: v for k, v in os.environ.items() if k not in _JOB_VARIABLES}
-    shape = job_shape(shlex.split(sbatch_args), SLURM_DIR / "dpo_sweep.sbatch", env)
+    ignored = sorted(set(os.environ) & set(_JOB_VARIABLES))
+    if ignored:
+        print(f"[dpo-dist] not passed to the jobs: {', '.join(ignored)} from this environment (a sweep takes --config, "
+              "the overrides and the sweep file)", flush=True)
+    shape = job_shape(shlex.split(sbatch_args), slurm_scripts / "dpo_sweep.sbatch", env)
     print(f"[dpo-dist] sweep {sweep.path}: {len(runs)} runs into {root}/<run>, one cache {cache}", flush=True)
     print(f"[dpo-dist] each array task trains on {shape.nodes} node(s) x {shape.procs_per_node} process(es) = world "
           f"{shape.world_size} ({shape.source})", flush=True)
@@ -315,12 +319,12 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
     else:
         score_file = (slurm_dir / "score.overrides").resolve()
         score_file.write_text("".join(f"{o}\n" for o in [*base_overrides, f"output_dir={root}", f"cache_dir={base.cache_dir}"]))
-        score_job = _sbatch([*common, *shlex.split(score_sbatch_args), str(SLURM_DIR / "dpo_hh.sbatch")],
+        score_job = _sbatch([*common, *shlex.split(score_sbatch_args), str(slurm_scripts / "dpo_hh.sbatch")],
                             {**env, "CONFIG": config_path, "STAGES": "score", "OVERRIDES_FILE": str(score_file)})
         print(f"[dpo-dist] scoring job {score_job}: slurm/dpo_hh.sbatch with STAGES=score", flush=True)
     array_args = [*common, f"--array=0-{len(runs) - 1}", *([f"--dependency=afterok:{score_job}"] if score_job else [])]
     try:
-        array_job = _sbatch([*array_args, str(SLURM_DIR / "dpo_sweep.sbatch")],
+        array_job = _sbatch([*array_args, str(slurm_scripts / "dpo_sweep.sbatch")],
                             {**env, "CONFIG": config_path, "SWEEP": str(sweep.path.resolve()), "OVERRIDES_FILE": str(base_file)})
     except ConfigError as e:
         raise ConfigError(f"{e}" + (f" (the scoring job {score_job} was submitted: scancel {score_job})" if score_job else "")) from None

@@ -17,6 +17,10 @@ def test_make_demo_from_a_fresh_clone(tmp_path):
     proc = subprocess.run(["make", "demo"], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout
+    # The first command a user types, set-up included, prints progress and a summary, not library noise.
+    lines = (out + proc.stderr).splitlines()
+    assert len(lines) < 80, "\n".join(lines)
+    assert not [line for line in lines if "Warning" in line or "warn(" in line], "\n".join(lines)
     assert "dpo-dist run finished" in out and "tensorboard --logdir outputs/demo/run/tb" in out
     held_out = next(line for line in out.splitlines() if "held-out reward accuracy" in line)
     assert float(held_out.split("accuracy")[1].split(",")[0]) >= 0.9, held_out

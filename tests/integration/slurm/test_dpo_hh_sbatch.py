@@ -1,6 +1,8 @@
 """slurm/dpo_hh.sbatch for real on the local 2-node Slurm cluster: Ray head on n1 and a Ray worker
-on n2 (token authentication on) score the reference with `ray job submit`, then srun + torchrun
-train over both nodes, export; a second submission of the same job skips scoring and resumes.
+on n2 (token authentication on) score the reference with `ray job submit`, stop cleanly, then
+srun + torchrun train over both nodes, export; a second submission of the same job skips scoring
+and resumes; USR1 stops training at a step through OUTPUT_DIR/STOP and requeues; STAGES=train with
+an OVERRIDES_FILE.
 
 Tiny llama, synthetic pairs, CPU, 1 CPU and 1 training process per node.
 """
@@ -128,3 +130,41 @@ def test_time_limit_signal_stops_training_at_a_step_and_the_requeued_job_resumes
     final = json.loads((work / "run_rq" / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["steps"] == max_steps, final
     assert not (work / "run_rq" / "STOP").exists()
+
+
+def test_train_stage_reads_an_overrides_file_refuses_a_missing_cache_and_reports_a_stop_from_outside(
+        first_job, slurm_cluster, work):
+    """STAGES=train with OVERRIDES_FILE (an output_dir with spaces): training starts on the cache the
+    first job scored; a STOP file written from outside stops it after a step with a checkpoint, and
+    the job fails, saying so. The same with a cache nobody scored is refused before any training."""
+    c = slurm_cluster
+    out_dir = work / "run with spaces"
+    jobs = {}
+    for name, cache in (("stop", "cache"), ("nocache", "cache_nobody_scored")):
+        overrides = work / f"{name}.overrides"
+        overrides.write_text("\n".join(["# one override per line", *base_overrides(work, 30, cache=cache, train__save_steps=1000),
+                                        f"output_dir={out_dir if name == 'stop' else work / 'run_nocache'}", ""]))
+        env = job_env(c, STAGES="train", OVERRIDES_FILE=overrides)
+        jobs[name] = c.sbatch("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+                              f"--chdir={REPO}", f"--output={work / name}.out", SBATCH, env=env)
+    deadline = time.monotonic() + 300
+    log = work / "stop.out"
+    while "step-0 identity" not in (log.read_text(errors="replace") if log.exists() else ""):
+        assert time.monotonic() < deadline and c.state(jobs["stop"]) in ("PENDING", "RUNNING", "CONFIGURING"), (
+            c.job_info(jobs["stop"]), log.read_text(errors="replace") if log.exists() else "")
+        time.sleep(0.5)
+    (out_dir / "STOP").touch()
+    info = c.wait(jobs["stop"], timeout=300)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", (info, text)
+    assert "stages train" in text and "scoring skipped" in text and "Ray cluster" not in text, text
+    stopped = re.search(r"STOP received: stopped after step (\d+) and saved checkpoint step-\1", text)
+    assert stopped and (out_dir / "checkpoints" / f"step-{stopped[1]}" / "COMPLETE").exists(), text
+    assert "training stopped before its last step without a USR1 to this script" in text and "resubmit" in text, text
+    assert not (out_dir / "final_metrics.json").exists()
+    assert_clean_log(text)
+
+    info = c.wait(jobs["nocache"], timeout=120)
+    text = (work / "nocache.out").read_text(errors="replace")
+    assert info["JobState"] == "FAILED" and "STAGES=train: the reference cache" in text and "is not ready" in text, (info, text)
+    assert "training:" not in text and not (work / "cache_nobody_scored").exists(), text

@@ -32,7 +32,7 @@ def _tasks(c, array_job: str) -> dict[str, dict]:
     return tasks
 
 
-def test_sweep_on_slurm_scores_once_then_trains_every_run_in_an_array(slurm_cluster, work):
+def test_sweep_on_slurm_scores_once_then_trains_every_run_in_an_array(slurm_cluster, work, request):
     c = slurm_cluster
     root = work / "sweep"
     (work / "sweep_slurm.yaml").write_text(f"output_dir: {root}\nruns:\n"
@@ -51,6 +51,7 @@ def test_sweep_on_slurm_scores_once_then_trains_every_run_in_an_array(slurm_clus
     out = submit.stdout
     score_job = re.search(r"scoring job (\d+)", out)[1]
     array_job = re.search(r"array job (\d+)", out)[1]
+    request.addfinalizer(lambda: c.run("scancel", score_job, array_job, check=False))  # none left pending on failure
     assert "1 node(s) x 1 process(es) = world 1" in out, out
     assert f"squeue -j {score_job},{array_job}" in out and f"tensorboard --logdir {root}" in out, out
 
@@ -89,3 +90,31 @@ def test_sweep_on_slurm_scores_once_then_trains_every_run_in_an_array(slurm_clus
     # the array only read the cache
     after = (work / "sweep_cache" / "manifest.json").read_bytes()
     assert json.loads(after)["names"]["created"] == json.loads(manifest)["names"]["created"] and after == manifest
+
+    # Again with another lr: the run folders hold runs with other settings, refused before any sbatch.
+    jobs_before = set(c.run("squeue", "-h", "-t", "all", "-o", "%i").stdout.split())
+    again = subprocess.run(submit.args[:-3] + ["train.lr=5e-3", *submit.args[-3:]], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "this run folder was started with other settings" in again.stderr, again.stderr
+    assert "train.lr" in again.stderr and "scoring job" not in again.stdout, again.stdout + again.stderr
+    assert set(c.run("squeue", "-h", "-t", "all", "-o", "%i").stdout.split()) <= jobs_before  # nothing submitted
+    # Again with the same settings: the cache is ready, so no scoring job and no dependency.
+    again = subprocess.run(submit.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "is complete and matches: no scoring job" in again.stdout, again.stdout + again.stderr
+    rerun = re.search(r"array job (\d+)", again.stdout)[1]
+    assert c.job_info(rerun).get("Dependency") == "(null)", c.job_info(rerun)
+    c.run("scancel", rerun)
+
+
+def test_job_shape_reads_sbatch_args_over_the_script_header(tmp_path):
+    """The world size `sweep --slurm` checks run folders with: nodes x processes per node, as the
+    batch script will count them."""
+    from dpo_dist.sweep import job_shape
+
+    script = tmp_path / "job.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --gpus-per-node=8\n#SBATCH --time=1:00:00\n")
+    assert job_shape([], script, {}).world_size == 16
+    assert job_shape(["--nodes", "1", "--time", "5", "-p", "gpu"], script, {}).world_size == 8
+    assert job_shape(["-N3", "--gpus-per-node=a100:4"], script, {}).world_size == 12
+    assert job_shape(["--nodes=2-4"], script, {"GPUS_PER_NODE": "0"}).world_size == 2  # CPU: 1 process per node
+    assert job_shape(["--nodes=1"], script, {"GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"}).world_size == 2
