@@ -8,7 +8,7 @@ measures that statistic on HH-RLHF pairs for models whose logits look like a rea
   sft      the same model after supervised fine-tuning on HH chosen responses (peaked logits)
   smollm   a SmolLM2-135M-shaped Llama (49k vocab, 30 layers), random init (--smollm; minutes)
 
-    .venv/bin/python bench/bench_step0_bound.py [--pairs 256] [--sft-steps 300] [--smollm]
+    .venv/bin/python bench/bench_step0_bound.py [--pairs 128] [--sft-steps 200] [--smollm]
 
 Prints, per model, the per-token |bf16 - float32| difference per pair (the check statistic): its
 median, 99th percentile and maximum over pairs, and the same in float32 vs float32 with another
@@ -78,6 +78,7 @@ def sft(model, rows: list[dict], steps: int, pad_id: int) -> None:
 
 
 def measure(name: str, model, rows: list[dict], pad_id: int) -> list[str]:
+    print(f"  measuring {name} on {len(rows)} pairs", flush=True)
     model.eval()
     ref, counts = logps(model, rows, 8, pad_id)  # the cache: float32
     other_batch, _ = logps(model, rows, 3, pad_id)  # float32 again, another batch composition
@@ -91,9 +92,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pairs", type=int, default=256)
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--pairs", type=int, default=128)
+    ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--smollm", action="store_true", help="also a SmolLM2-135M-shaped model (49k vocab; slow)")
+    ap.add_argument("--smollm-pairs", type=int, default=24)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -114,7 +116,7 @@ def main() -> None:
                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                              tie_word_embeddings=True)
         big = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        lines += measure("SmolLM2-135M shape, random", big, rows[:64], pad)
+        lines += measure("SmolLM2-135M shape, random", big, rows[:args.smollm_pairs], pad)
     print(f"\n{len(rows)} HH pairs, per-token |difference| per pair (worst of chosen/rejected), {time.time() - t0:.0f} s")
     print("\n".join(lines))
 
