@@ -23,7 +23,7 @@ from dpo_dist import cache as cache_mod
 from dpo_dist.config import Config
 from dpo_dist.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
 from dpo_dist.errors import UserError
-from dpo_dist.identity import CacheSpec, expected_cache
+from dpo_dist.identity import CacheSpec, data_identity, expected_cache
 
 
 @dataclass
@@ -80,7 +80,7 @@ def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int
 def estimate_rows(cfg: Config) -> int | None:
     """Rows of the train and eval sources for the progress bar's ETA (the data identity counts them);
     None when unknown."""
-    from dpo_dist.identity import data_identity, pair_count
+    from dpo_dist.identity import pair_count
 
     try:
         ident = data_identity(cfg.data)
@@ -214,6 +214,7 @@ def run_scoring(cfg: Config) -> ScoreResult:
     cache_dir = cfg.resolved_cache_dir()
     # Everything that can be checked without Ray is checked before it starts: the model and
     # tokenizer resolve, the data reads (its identity streams every pair once, then is remembered).
+    data_identity(cfg.data)  # reads every pair once (then remembered): a bad source fails first, in seconds
     ray_gpus = _cluster_gpus_hint()
     spec = expected_cache(cfg, cfg.reference_dtype(ray_gpus))
     _tokenize_first_pairs(cfg, spec)

@@ -218,11 +218,14 @@ def custom_model(tiny_llama, tmp_path_factory):
     """The tiny Llama's weights under a new model_type whose classes live in the directory (auto_map).
 
     transformers copies custom code into HF_MODULES_CACHE and imports it as `transformers_modules.*`:
-    point that at a temp dir and forget the imported modules afterwards.
+    point that at a temp dir, and forget the modules imported before (another test may have loaded
+    custom code from another HF_MODULES_CACHE) and after.
     """
     import transformers.dynamic_module_utils as dmu
 
     path = write_custom_code_model(tiny_llama, tmp_path_factory.mktemp("custom") / "dpo-tiny-custom")
+    for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+        del sys.modules[name]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
         mp.setattr(sys, "path", list(sys.path))
