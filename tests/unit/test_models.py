@@ -1,5 +1,6 @@
 """Model and tokenizer loading: hub ids through a real (fake-filled) HF cache, custom code, dropout off."""
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -226,9 +227,13 @@ def custom_model(tiny_llama, tmp_path_factory):
     path = write_custom_code_model(tiny_llama, tmp_path_factory.mktemp("custom") / "dpo-tiny-custom")
     for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
         del sys.modules[name]
+    modules = str(tmp_path_factory.mktemp("hf_modules"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
-        mp.setattr(sys, "path", list(sys.path))
+        mp.setattr(dmu, "HF_MODULES_CACHE", modules)
+        # First on the path: transformers appends its cache dir, so an older `transformers_modules`
+        # package earlier on sys.path (another cache dir, PYTHONPATH) would shadow this one.
+        mp.setattr(sys, "path", [modules] + sys.path)
+        importlib.invalidate_caches()
         yield path
         for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
             del sys.modules[name]
