@@ -46,7 +46,7 @@ def pair_batches_in_order(lengths: list[int], token_budget: int) -> list[list[in
 
 def padding_table(tokenized, shard_size: int, token_budget: int) -> list[tuple[str, float]]:
     """Real / padded tokens of the concatenated forward batches, per batching scheme, within shards."""
-    from dpo_dist.batching import length_batches
+    from dpo_dist.core.batching import length_batches
 
     totals = {"pairs, source order": [0, 0], "pairs, length-sorted": [0, 0], "sequences, length-sorted (scorer)": [0, 0]}
     for start in range(0, len(tokenized), shard_size):
@@ -71,9 +71,9 @@ def plain_loop(model_dir: Path, rows: list[dict], token_budget: int, threads: in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.batching import length_batches
-    from dpo_dist.logps import concat_batch, concatenated_forward
-    from dpo_dist.score import sequence_batch
+    from dpo_dist.core.batching import length_batches
+    from dpo_dist.core.logps import concat_batch, concatenated_forward
+    from dpo_dist.stages.score import sequence_batch
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -116,12 +116,12 @@ def main() -> int:
     import ray
     from transformers import AutoTokenizer
 
-    from dpo_dist import cache as cache_mod
+    from dpo_dist.core import cache as cache_mod
     from dpo_dist.config import load_config
-    from dpo_dist.data import iter_pairs
-    from dpo_dist.score import run_scoring
-    from dpo_dist.tiny import count_parameters, write_tiny_model
-    from dpo_dist.tokenize import tokenize_pair
+    from dpo_dist.core.data import iter_pairs
+    from dpo_dist.stages.score import run_scoring
+    from dpo_dist.fixtures.tiny import count_parameters, write_tiny_model
+    from dpo_dist.core.tokenize import tokenize_pair
 
     work = Path(tempfile.mkdtemp(prefix="bench_score."))
     atexit.register(shutil.rmtree, work, True)

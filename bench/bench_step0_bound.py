@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from dpo_dist.data import load_pairs
-from dpo_dist.logps import concat_batch, concatenated_forward
-from dpo_dist.tiny import build_tokenizer
-from dpo_dist.tokenize import tokenize_pair
+from dpo_dist.core.data import load_pairs
+from dpo_dist.core.logps import concat_batch, concatenated_forward
+from dpo_dist.fixtures.tiny import build_tokenizer
+from dpo_dist.core.tokenize import tokenize_pair
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
@@ -60,7 +60,7 @@ def summary(name: str, diffs: list[float]) -> str:
 
 def sft(model, rows: list[dict], steps: int, pad_id: int) -> None:
     """Plain NLL on prompt + chosen (response tokens only), AdamW: makes the logits peak like a real LM's."""
-    from dpo_dist.logps import sequence_batch
+    from dpo_dist.core.logps import sequence_batch
 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()

@@ -19,7 +19,10 @@ def _add_config_args(p: argparse.ArgumentParser, base_dir: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dpo_dist import data, sweep, synthetic, tiny
+    from dpo_dist.core import data
+    from dpo_dist import sweep
+    from dpo_dist.fixtures import synthetic
+    from dpo_dist.fixtures import tiny
 
     parser = argparse.ArgumentParser(prog="dpo-dist", description="Distributed DPO: score the reference once on Ray, train with DeepSpeed ZeRO-3.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,7 +94,7 @@ def _load(args):
 
 
 def _score(args) -> int:
-    from dpo_dist.score import run_scoring
+    from dpo_dist.stages.score import run_scoring
 
     cfg = _load(args)
     result = run_scoring(cfg)
@@ -146,7 +149,7 @@ def _cache_ready(args) -> int:
 
 
 def _cache_info(args) -> int:
-    from dpo_dist.cache import info_text, verify
+    from dpo_dist.core.cache import info_text, verify
 
     print(info_text(args.dir))
     if args.verify:
@@ -159,7 +162,7 @@ def _cache_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpo_dist.errors import USER_ERRORS
+    from dpo_dist.core.errors import USER_ERRORS
     from dpo_dist.quiet import silence_known_noise
 
     silence_known_noise()

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from dpo_dist.errors import UserError
+from dpo_dist.core.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -311,7 +311,7 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
 
 def _validate_loss(cfg: Config, origins: _Origins) -> None:
     """The loss's own rules (loss type, beta, label smoothing, variant parameters), checked at load."""
-    from dpo_dist.loss import check_loss_args
+    from dpo_dist.core.loss import check_loss_args
 
     loss = cfg.loss
     try:

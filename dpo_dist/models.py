@@ -20,7 +20,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from dpo_dist.errors import UserError
+from dpo_dist.core.errors import UserError
 
 # Config fields and module attributes that make a forward random in train mode: dropout
 # probabilities (`attention_dropout`, GPT-2's `attn_pdrop`), OPT's LayerDrop, stochastic depth

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpo_dist import cache as cache_mod
+from dpo_dist.core import cache as cache_mod
 from dpo_dist.config import Config
 
 
@@ -26,7 +26,7 @@ def cache_ready(cfg: Config, gpus: int | None = None) -> bool:
 
     `gpus`: what the scoring actors would get, for score.dtype "auto" (default: this machine's).
     """
-    from dpo_dist.identity import expected_cache
+    from dpo_dist.core.identity import expected_cache
 
     manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
     if manifest is None or not all(manifest.is_complete(s) for s in cache_mod.SPLITS):
@@ -40,8 +40,8 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
     or, with `overwrite`, move that run aside (returns a note saying where to). With `check_cache`,
     also refuse a cache that is missing, incomplete or built for other work. The trainer's ranks
     check all of it again (they may be started by srun without this process)."""
-    from dpo_dist import identity as ident
-    from dpo_dist.engine import load_ds_json
+    from dpo_dist.core import identity as ident
+    from dpo_dist.engines.deepspeed_engine import load_ds_json
     from dpo_dist.models import resolve_model_dir
 
     out_dir = Path(cfg.output_dir)
@@ -83,7 +83,7 @@ def summary(cfg: Config) -> str:
 
 def ensure_cache(cfg: Config) -> None:
     """Score into cfg's cache unless it is complete and matches; frees Ray's cores afterwards."""
-    from dpo_dist.score import run_scoring
+    from dpo_dist.stages.score import run_scoring
 
     if cache_ready(cfg):
         print(f"[dpo-dist] reference cache {cfg.resolved_cache_dir()} is complete and matches: scoring skipped", flush=True)

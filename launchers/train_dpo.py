@@ -21,7 +21,7 @@ from dpo_dist.quiet import silence_known_noise  # noqa: E402
 silence_known_noise()
 
 from dpo_dist.config import load_config, resolve_paths  # noqa: E402
-from dpo_dist.errors import USER_ERRORS  # noqa: E402
+from dpo_dist.core.errors import USER_ERRORS  # noqa: E402
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
         cfg = load_config(args.config, args.overrides)
         if args.base_dir:
             cfg = resolve_paths(cfg, args.base_dir)
-        from dpo_dist.train import train
+        from dpo_dist.stages.train import train
 
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except USER_ERRORS as e:  # raised on every rank alike (checks are shared); rank 0 reports it

@@ -16,7 +16,7 @@ import importlib.metadata
 from importlib import resources
 from pathlib import Path
 
-from dpo_dist.tiny import QWEN2_SPLIT_REGEX
+from dpo_dist.fixtures.tiny import QWEN2_SPLIT_REGEX
 
 QWEN_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 RECIPE_VERSION = 1  # bump when _build_qwen or _build_llama3 changes, so cached files are rebuilt

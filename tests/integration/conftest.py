@@ -42,7 +42,7 @@ def offline_env():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide float32 llama with the local tokenizer (BOS on prompts, EOS id 1)."""
-    from dpo_dist.tiny import write_tiny_model
+    from dpo_dist.fixtures.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", arch="llama", seed=0)
 
@@ -50,7 +50,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_path(tmp_path_factory) -> Path:
     """600 generated pairs (prompt / chosen / rejected jsonl)."""
-    from dpo_dist.synthetic import write_synthetic_pairs
+    from dpo_dist.fixtures.synthetic import write_synthetic_pairs
 
     return write_synthetic_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", n=600, seed=1)
 

@@ -27,10 +27,10 @@ transformers = pytest.importorskip("transformers")
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
 
-from dpo_dist.cache import CacheError, load_manifest, read_shard, verify  # noqa: E402
+from dpo_dist.core.cache import CacheError, load_manifest, read_shard, verify  # noqa: E402
 from dpo_dist.cli import main as cli_main  # noqa: E402
 from dpo_dist.config import load_config  # noqa: E402
-from dpo_dist.score import run_scoring  # noqa: E402
+from dpo_dist.stages.score import run_scoring  # noqa: E402
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def _reference_logps(model, prompt: list[int], response: list[int]) -> float:
 
 def test_values_equal_single_pair_forward_on_hh(ray_cluster, tiny_model, hh_path, tmp_path):
     """Every HH pair's cached ref log-probs match a plain one-pair-at-a-time HF forward (float32)."""
-    from dpo_dist.data import load_pairs
+    from dpo_dist.core.data import load_pairs
 
     cache = tmp_path / "cache"
     result = run_scoring(_cfg(tiny_model, hh_path, cache, "data.max_length=256", "data.max_prompt_length=128"))

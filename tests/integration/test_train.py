@@ -179,7 +179,7 @@ def test_cache_from_other_data_is_refused(work):
 def _tampered_cache(work: Path, name: str, per_token: float) -> Path:
     """A copy of the cache whose chosen reference values are off by `per_token` nats per token
     (checksums redone: only the step-0 identity can notice)."""
-    from dpo_dist import cache as cache_mod
+    from dpo_dist.core import cache as cache_mod
 
     bad = work / name
     shutil.copytree(work / "cache", bad)
@@ -233,9 +233,9 @@ def test_export_holds_the_trained_weights_and_is_ready_to_generate(work, learned
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist import cache as cache_mod
-    from dpo_dist.logps import concat_batch, concatenated_forward, split_chosen_rejected
-    from dpo_dist.loss import preference_loss
+    from dpo_dist.core import cache as cache_mod
+    from dpo_dist.core.logps import concat_batch, concatenated_forward, split_chosen_rejected
+    from dpo_dist.core.loss import preference_loss
 
     export = learned / "export"
     config = json.loads((export / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""dpo_dist.data: normalization rules, every container, every malformed-input error, the real HH file."""
+"""dpo_dist.core.data: normalization rules, every container, every malformed-input error, the real HH file."""
 import csv
 import gzip
 import hashlib
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dpo_dist.data import (
+from dpo_dist.core.data import (
     DataError,
     DataReport,
     Pair,
@@ -373,7 +373,7 @@ def test_data_check_main(tmp_path, capsys):
 
 def test_import_is_light():
     heavy = "{'torch', 'deepspeed', 'ray', 'transformers', 'datasets', 'pyarrow'}"
-    code = f"import sys, dpo_dist.data; print(sorted({heavy} & set(sys.modules)))"
+    code = f"import sys, dpo_dist.core.data; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from dpo_dist import identity as ident
+from dpo_dist.core import identity as ident
 from dpo_dist.config import load_config
 
 
@@ -72,7 +72,7 @@ def test_model_identity_ignores_config_noise_not_the_architecture(tmp_path):
 
 
 def test_tokenizer_identity_follows_vocab_template_and_bos_rule():
-    from dpo_dist.tiny import build_tokenizer
+    from dpo_dist.fixtures.tiny import build_tokenizer
 
     llama, neox = build_tokenizer("llama"), build_tokenizer("gpt_neox")
     a = ident.tokenizer_identity(llama)

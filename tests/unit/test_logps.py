@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from dpo_dist.logps import IGNORE_INDEX, concat_batch, sequence_logps, split_chosen_rejected
+from dpo_dist.core.logps import IGNORE_INDEX, concat_batch, sequence_logps, split_chosen_rejected
 
 
 def naive_logps(logits, labels):
@@ -73,7 +73,7 @@ def test_no_second_full_float32_copy_of_bf16_logits():
     262 MB a full float32 copy would add: measured as RSS growth in a fresh process."""
     code = (
         "import resource, torch\n"
-        "from dpo_dist.logps import sequence_logps\n"
+        "from dpo_dist.core.logps import sequence_logps\n"
         "torch.set_num_threads(1)\n"
         "x = torch.randn(2, 1024, 32000, dtype=torch.bfloat16); y = torch.randint(0, 32000, (2, 1024))\n"
         "sequence_logps(x[:, :8], y[:, :8])\n"

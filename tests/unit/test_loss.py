@@ -1,4 +1,4 @@
-"""Unit tests for dpo_dist.loss: hand-computed values, gradients, rewards, validation.
+"""Unit tests for dpo_dist.core.loss: hand-computed values, gradients, rewards, validation.
 
 Most tests use one batch of two pairs (B = 2):
     policy_chosen   = [-1.0, -4.0]    ref_chosen   = [-3.0, -5.0]
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dpo_dist.loss import LOSSES, preference_loss
+from dpo_dist.core.loss import LOSSES, preference_loss
 
 PC, PR = [-1.0, -4.0], [-2.0, -3.0]
 RC, RR = [-3.0, -5.0], [-2.5, -2.0]

@@ -15,12 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dpo_dist.logps import sequence_logps  # noqa: E402
+from dpo_dist.core.logps import sequence_logps  # noqa: E402
 from dpo_dist.models import (  # noqa: E402
     ModelError, disable_dropout, disable_dropout_modules, download_patterns, load_causal_lm, load_config,
     load_tokenizer, resolve_model_dir,
 )
-from dpo_dist.tiny import build_tokenizer, write_tiny_model  # noqa: E402
+from dpo_dist.fixtures.tiny import build_tokenizer, write_tiny_model  # noqa: E402
 from helpers import write_custom_code_model  # noqa: E402
 
 BASE = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -281,7 +281,7 @@ def _dropout_configs(tok):
 @pytest.fixture(scope="module")
 def dropout_models(tmp_path_factory):
     """Tiny models with every dropout field 0.5, saved as ordinary model dirs, and a padded batch."""
-    from dpo_dist.logps import sequence_batch
+    from dpo_dist.core.logps import sequence_batch
 
     tok = build_tokenizer()
     root = tmp_path_factory.mktemp("dropout")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.config import load_config
-from dpo_dist.engine import fill_ds_config, load_ds_json
+from dpo_dist.engines.deepspeed_engine import fill_ds_config, load_ds_json
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -59,7 +59,7 @@ def test_presets_name_hub_models_and_the_hub_dataset(path):
 def test_hh_through_datasets_with_a_data_dir(hh_path):
     """The presets' data path (`datasets.load_dataset(name, data_dir=..., split=...)`), on a local
     mirror of the hub dataset's layout: ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz."""
-    from dpo_dist.data import DataReport, iter_dataset
+    from dpo_dist.core.data import DataReport, iter_dataset
 
     mirror = hh_path.parents[1]
     cfg = load_config(str(REPO / "configs/smollm2_135m_lora_hh.yaml"),

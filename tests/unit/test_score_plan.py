@@ -6,8 +6,8 @@ lazily here bounds the driver's memory by (2 x actors + 1) shards whatever the d
 import json
 
 from dpo_dist.config import load_config
-from dpo_dist.data import DataReport, in_eval_fraction
-from dpo_dist.score import plan_shards
+from dpo_dist.core.data import DataReport, in_eval_fraction
+from dpo_dist.stages.score import plan_shards
 
 
 def test_plan_reads_the_source_one_shard_at_a_time(tmp_path):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dpo_dist.synthetic import (
+from dpo_dist.fixtures.synthetic import (
     ADJECTIVES, NOUNS, POLITE_WORDS, REQUESTS, RUDE_WORDS, SKELETONS, TAILS, VERBS, follows_rule,
     generate_pairs, prompt_split, synthetic_main, write_synthetic_pairs,
 )
@@ -62,7 +62,7 @@ def test_rule_checker():
 def test_short_under_tiny_tokenizer():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pytest.importorskip("transformers")
-    from dpo_dist.tiny import build_tokenizer
+    from dpo_dist.fixtures.tiny import build_tokenizer
 
     pairs = generate_pairs(500, seed=0) + generate_pairs(200, seed=0, split="eval")
     for arch in ("llama", "qwen2"):

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dpo_dist.tiny import ARCHS, build_tokenizer, count_parameters, tiny_model_main, write_tiny_model  # noqa: E402
+from dpo_dist.fixtures.tiny import ARCHS, build_tokenizer, count_parameters, tiny_model_main, write_tiny_model  # noqa: E402
 
 HH_TEXT = (
     "\n\nHuman: What’s the fastest way to get to the café in São Paulo? 🚕 I have 12.50 R$.\n\n"

@@ -4,9 +4,9 @@ Real tokenizers (Qwen2's vocabulary, ChatML and Llama-3 templates) and property 
 """
 import pytest
 
-from dpo_dist.data import Pair, iter_pairs
-from dpo_dist.tiny import build_tokenizer
-from dpo_dist.tokenize import TOKENIZE_VERSION, TokenizeReport, tokenize_pair
+from dpo_dist.core.data import Pair, iter_pairs
+from dpo_dist.fixtures.tiny import build_tokenizer
+from dpo_dist.core.tokenize import TOKENIZE_VERSION, TokenizeReport, tokenize_pair
 
 
 @pytest.fixture(scope="module")

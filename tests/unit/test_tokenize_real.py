@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import real_tokenizers as rt  # tests/real_tokenizers.py: pytest puts tests/ (conftest.py's dir) on sys.path
-from dpo_dist.data import Pair
-from dpo_dist.tiny import build_tokenizer
-from dpo_dist.tokenize import TRUNCATION_MODES, TokenizeReport, tokenize_pair
+from dpo_dist.core.data import Pair
+from dpo_dist.fixtures.tiny import build_tokenizer
+from dpo_dist.core.tokenize import TRUNCATION_MODES, TokenizeReport, tokenize_pair
 
 IM_START, IM_END, NL, NL2 = 151644, 151645, 198, 271  # Qwen2 ids; "\n" and "\n\n" are single tokens
 BOT, EOT_TEXT, SH, EH, EOT = 151646, 151647, 151648, 151649, 151650  # Llama-3 specials added after Qwen's

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from dpo_dist.errors import UserError
+from dpo_dist.core.errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # config.json keys that never change what the model computes. Dropout-like fields are left out
@@ -141,7 +141,7 @@ def tokenizer_identity(tokenizer) -> dict[str, str]:
 def data_identity(d) -> dict[str, str]:
     """Per split, the count and hash of the normalized, filtered, selected pairs in order (ids are
     content hashes), for a DataConfig `d`. Remembered per source content and options."""
-    from dpo_dist.data import iter_dataset, source_fingerprint, source_options
+    from dpo_dist.core.data import iter_dataset, source_fingerprint, source_options
 
     key = json.dumps([source_fingerprint(d.train, **source_options(d, "train")),
                       source_fingerprint(d.eval, **source_options(d, "eval")) if d.eval else None,
@@ -166,9 +166,9 @@ def pair_count(identity: dict, split: str = "train", prefix: str = "") -> int:
 
 def cache_identity(cfg, tokenizer, ref_dir: str | Path, dtype: str) -> dict[str, Any]:
     """Everything the cached values depend on (docs/DESIGN.md invariant 2). Shard size is not in it."""
-    from dpo_dist.cache import FORMAT_VERSION
-    from dpo_dist.logps import LOGPS_VERSION
-    from dpo_dist.tokenize import TOKENIZE_VERSION
+    from dpo_dist.core.cache import FORMAT_VERSION
+    from dpo_dist.core.logps import LOGPS_VERSION
+    from dpo_dist.core.tokenize import TOKENIZE_VERSION
 
     d = cfg.data
     return {**data_identity(d), **tokenizer_identity(tokenizer),
@@ -206,7 +206,7 @@ def training_cache(cfg, gpus: int = 0) -> CacheSpec:
     """The cache a training run of `cfg` needs. score.dtype "auto" accepts the dtype the cache was
     scored in (the scorer resolved it by the GPUs its actors had, which training cannot know); with
     no cache yet, it resolves as a scorer with `gpus` GPUs would."""
-    from dpo_dist.cache import load_manifest
+    from dpo_dist.core.cache import load_manifest
 
     manifest = load_manifest(cfg.resolved_cache_dir())
     if cfg.score.dtype == "auto":
@@ -314,7 +314,7 @@ def check_run(out_dir: Path, identity: dict) -> bool:
 
 
 def write_run(out_dir: Path, identity: dict, names: dict) -> None:
-    from dpo_dist.cache import atomic_write_bytes
+    from dpo_dist.core.cache import atomic_write_bytes
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from dpo_dist.errors import UserError
+from dpo_dist.core.errors import UserError
 
 MANIFEST = "manifest.json"
 # 2: the fingerprint is identity.cache_identity (content, not names); names and shard size apart.
@@ -140,7 +140,7 @@ def load_manifest(cache_dir: Path) -> Manifest | None:
 
 def identity_diff(manifest: Manifest, wanted: dict) -> list[str]:
     """identity.diff of the cache's fingerprint against `wanted`, one "name: cache -> config" per field."""
-    from dpo_dist.identity import diff
+    from dpo_dist.core.identity import diff
 
     if manifest.format_version != FORMAT_VERSION:
         return [f"cache.format: {manifest.format_version} -> {FORMAT_VERSION} (written by another dpo-dist version)"]

@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_dist import cache as cache_mod
-from dpo_dist import checkpoints
+from dpo_dist.core import cache as cache_mod
+from dpo_dist.engines import checkpoints
 from dpo_dist.config import Config, to_yaml
-from dpo_dist.engine import (Dist, Engine, all_reduce, barrier, build_engine, compute_init, fill_ds_config,
+from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, barrier, build_engine, compute_init, fill_ds_config,
                              load_ds_json, local_param_fraction, on_main, param_counts, precision, zero3_init)
-from dpo_dist.errors import UserError
-from dpo_dist.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
-from dpo_dist.sampler import BatchPlan
+from dpo_dist.core.errors import UserError
+from dpo_dist.core.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
+from dpo_dist.core.sampler import BatchPlan
 
 CKPT = "checkpoints"
 STOP_FILE = "STOP"  # OUTPUT_DIR/STOP: stop after the current step with a checkpoint (see StopFlag)
@@ -76,7 +76,7 @@ def prepare(cfg: Config, dist: Dist, resume: bool, overwrite: bool) -> Prepared:
 
 
 def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> Prepared:
-    from dpo_dist import identity as ident
+    from dpo_dist.core import identity as ident
     from dpo_dist.models import resolve_model_dir
 
     out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / CKPT
@@ -144,7 +144,7 @@ def load_policy(cfg: Config, policy_dir: Path, ds_config: dict):
 def collate(rows: list[dict], pad_id: int, device: str) -> dict:
     import torch
 
-    from dpo_dist.logps import concat_batch
+    from dpo_dist.core.logps import concat_batch
 
     batch = {k: v.to(device) for k, v in concat_batch(rows, pad_id).items()}
     batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32, device=device)
@@ -154,8 +154,8 @@ def collate(rows: list[dict], pad_id: int, device: str) -> dict:
 
 def dpo_forward(engine, batch: dict, cfg: Config) -> dict:
     """Policy log-probs of the concatenated batch, the loss and its per-example pieces."""
-    from dpo_dist.logps import concatenated_forward, split_chosen_rejected
-    from dpo_dist.loss import preference_loss
+    from dpo_dist.core.logps import concatenated_forward, split_chosen_rejected
+    from dpo_dist.core.loss import preference_loss
 
     logps, counts = concatenated_forward(engine, batch)  # (2B,), (2B,)
     chosen, rejected = split_chosen_rejected(logps)
@@ -221,7 +221,7 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
     """Reward metrics over the whole eval split; every rank runs the same number of forwards (ZeRO-3)."""
     import torch
 
-    from dpo_dist.batching import length_batches
+    from dpo_dist.core.batching import length_batches
 
     if len(split) == 0:
         return {}
@@ -282,7 +282,7 @@ class StopFlag:
 def export_model(engine: Engine, cfg: Config, prepared: Prepared, tokenizer, dist: Dist) -> Path:
     """Gather the ZeRO-3 shards to rank 0 and write a Hugging Face model (or LoRA adapter) folder,
     ready for generation: use_cache on, the policy's generation config and original dropout values."""
-    from dpo_dist.engine import release_zero3
+    from dpo_dist.engines.deepspeed_engine import release_zero3
 
     state = engine.full_state_dict()  # collective: every rank must call it
     out = cfg.export_dir()

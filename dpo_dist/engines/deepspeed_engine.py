@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_dist.config import TrainConfig
-from dpo_dist.errors import UserError
+from dpo_dist.core.errors import UserError
 
 
 class BatchArithmeticError(UserError, ValueError):
@@ -144,7 +144,7 @@ def on_main(dist: Dist, fn):
     """
     import torch.distributed as tdist
 
-    from dpo_dist.errors import USER_ERRORS
+    from dpo_dist.core.errors import USER_ERRORS
 
     result = error = None
     failure: BaseException | None = None

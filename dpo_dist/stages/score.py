@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from dpo_dist import cache as cache_mod
+from dpo_dist.core import cache as cache_mod
 from dpo_dist.config import Config
-from dpo_dist.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
-from dpo_dist.errors import UserError
-from dpo_dist.identity import CacheSpec, data_identity, expected_cache
+from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
+from dpo_dist.core.errors import UserError
+from dpo_dist.core.identity import CacheSpec, data_identity, expected_cache
 
 
 @dataclass
@@ -80,7 +80,7 @@ def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int
 def estimate_rows(cfg: Config) -> int | None:
     """Rows of the train and eval sources for the progress bar's ETA (the data identity counts them);
     None when unknown."""
-    from dpo_dist.identity import pair_count
+    from dpo_dist.core.identity import pair_count
 
     try:
         ident = data_identity(cfg.data)
@@ -128,9 +128,9 @@ class RefScorer:
         """
         import torch
 
-        from dpo_dist.batching import length_batches
-        from dpo_dist.logps import concatenated_forward, sequence_batch
-        from dpo_dist.tokenize import TokenizeReport
+        from dpo_dist.core.batching import length_batches
+        from dpo_dist.core.logps import concatenated_forward, sequence_batch
+        from dpo_dist.core.tokenize import TokenizeReport
 
         report = TokenizeReport()
         tokenized = [tokenize_row(self.tokenizer, p, report, self.tok_args) for p in task.pairs]
@@ -159,7 +159,7 @@ class RefScorer:
 
 def tokenize_row(tokenizer, pair: Pair, report, tok_args: dict):
     """tokenize_pair, with a refusal (no chat template, a template that rewrites the prompt) naming the row."""
-    from dpo_dist.tokenize import tokenize_pair
+    from dpo_dist.core.tokenize import tokenize_pair
 
     try:
         return tokenize_pair(tokenizer, pair, report=report, **tok_args)
@@ -240,7 +240,7 @@ def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
     """Tokenize the first pair of each source here, so a tokenizer that cannot take the data (messages
     without a chat template) is refused in one line before any actor starts."""
     from dpo_dist.models import load_tokenizer
-    from dpo_dist.tokenize import TokenizeReport
+    from dpo_dist.core.tokenize import TokenizeReport
 
     tokenizer = load_tokenizer(spec.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
     tok_args = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,

@@ -13,8 +13,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from dpo_dist.cache import atomic_write_bytes
-from dpo_dist.engine import Dist, Engine, barrier
+from dpo_dist.core.cache import atomic_write_bytes
+from dpo_dist.engines.deepspeed_engine import Dist, Engine, barrier
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"

@@ -1,0 +1,1 @@
+"""Thin shells around the engines: the DeepSpeed boundary, checkpoints, Ray actor pools."""
