@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move a run started with other settings in output_dir aside (never deleted), then start over")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("run", help="score (if needed), train, export on this machine; rerun to resume")
+    p = sub.add_parser("sft", help="supervised fine-tuning on the chosen responses with DeepSpeed (starts torchrun); "
+                       "its export becomes DPO's reference and policy when `stages` holds sft")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint if any")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move an SFT run started with other settings in sft.output_dir aside (never deleted), then start over")
+    p.set_defaults(run=_sft)
+
+    p = sub.add_parser("run", help="the config's stages (default score, train; the paper's: sft, score, train, "
+                       "generate, judge, report) on this machine, each skipped when complete; rerun to resume")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="move a run started with other settings in output_dir aside (never deleted), then start over")
@@ -114,6 +123,15 @@ def _train(args) -> int:
     if note:
         print(f"[dpo-dist] {note}", flush=True)
     return run_torchrun(cfg, args.config, args.overrides, resume=args.resume, base_dir=args.base_dir)
+
+
+def _sft(args) -> int:
+    from dpo_dist.launch import num_procs
+    from dpo_dist.pipeline import run_sft
+
+    cfg = _load(args)
+    return run_sft(cfg, args.config, args.overrides, num_procs(cfg)[0], resume=args.resume, overwrite=args.overwrite,
+                   base_dir=args.base_dir)
 
 
 def _run(args) -> int:

@@ -120,7 +120,53 @@ class ExportConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning on the chosen responses (prompt masked), run when `stages` holds sft."""
+
+    output_dir: Optional[str] = opt(None, "SFT run folder; default a `sft` folder beside output_dir (shared by DPO runs of a sweep).")
+    lr: float = opt(1e-5, "Peak learning rate of SFT (AdamW).")
+    epochs: int = opt(1, "Passes over the training pairs' chosen responses (ignored when max_steps > 0).")
+    max_steps: int = opt(0, "Stop SFT after this many optimizer steps (0: use epochs).")
+    micro_batch_size: int = opt(4, "Sequences per rank per forward.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    warmup_steps: int = opt(0, "Linear warmup steps.")
+    lr_scheduler: str = opt("linear", "Decay after warmup: linear, cosine, constant.")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class GenerateConfig:
+    temperatures: list = opt([0.25, 0.5, 0.75, 1.0], "Sampling temperatures (the DPO paper's 0.25, 0.5, 0.75, 1.0); 0 means greedy.")
+    num_prompts: int = opt(64, "Held-out (eval split) prompts to sample for.")
+    samples_per_prompt: int = opt(1, "Samples per prompt and temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = opt(128, "Max new tokens per response.")
+    seed: int = opt(0, "Sampling seed (each prompt, temperature and sample gets its own stream).")
+    batch_size: int = opt(8, "Prompts per generate call in an actor.")
+    shard_size: int = opt(64, "Prompts per output shard (the unit of work and of resume).")
+    models: list = opt(["base", "sft", "dpo"], "What `run` samples: base, sft, dpo and/or dpo checkpoints as `step-N`.")
+    backend: str = opt("hf", "hf (transformers generate) or vllm (GPU, optional extra).")
+
+
+@dataclass
+class JudgeConfig:
+    kind: str = opt("openai", "openai (an OpenAI-compatible chat endpoint) or reward_model (a local sequence-classification model).")
+    base_url: Optional[str] = opt(None, "Endpoint base URL, e.g. https://api.openai.com/v1; default the openai client's.")
+    model: str = opt("gpt-4o-mini", "Judge model name at the endpoint.")
+    api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written to configs or logs).")
+    reward_model: Optional[str] = opt(None, "Sequence-classification model for kind=reward_model.")
+    concurrency: int = opt(8, "Requests in flight at once.")
+    max_retries: int = opt(5, "Retries on rate limits, server errors, timeouts and malformed answers.")
+    timeout_s: float = opt(60.0, "Seconds per request.")
+    both_orders: bool = opt(True, "Judge each pair in both orders to cancel position bias.")
+    price_per_1k_input: float = opt(0.0, "Cost accounting: price per 1,000 prompt tokens.")
+    price_per_1k_output: float = opt(0.0, "Cost accounting: price per 1,000 completion tokens.")
+    cache_path: Optional[str] = opt(None, "SQLite verdict cache; default ~/.cache/dpo-dist/judge.sqlite ($DPO_DIST_CACHE).")
+
+
+@dataclass
 class Config:
+    stages: list = opt(["score", "train"], "What `dpo-dist run` and slurm/dpo_hh.sbatch run, in this order: sft, score, train, generate, judge, report. With sft, the SFT export is DPO's reference and initial policy.")
     output_dir: str = opt("outputs/run", "Run folder: checkpoints, TensorBoard logs (tb/), export.")
     cache_dir: Optional[str] = opt(None, "Reference cache folder; default OUTPUT_DIR/cache.")
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,6 +175,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir or Path(self.output_dir) / "cache")
@@ -136,8 +185,31 @@ class Config:
     def export_dir(self) -> Path:
         return Path(self.export.dir or Path(self.output_dir) / "export")
 
+    def sft_dir(self) -> Path:
+        return Path(self.sft.output_dir or Path(self.output_dir).parent / "sft")
+
+    def uses_sft(self) -> bool:
+        return "sft" in self.stages
+
+    def sft_export_dir(self) -> Path:
+        return self.sft_dir() / "export"
+
+    def policy_model(self) -> str:
+        """DPO's initial policy: the SFT export when the config has an SFT stage, else model.name_or_path."""
+        return str(self.sft_export_dir()) if self.uses_sft() else self.model.name_or_path
+
     def ref_model(self) -> str:
+        """DPO's reference: the SFT export with an SFT stage, else model.ref_name_or_path or the policy."""
+        if self.uses_sft():
+            return str(self.sft_export_dir())
         return self.model.ref_name_or_path or self.model.name_or_path
+
+    def sft_train(self) -> TrainConfig:
+        """The train section as SFT runs it: SFT's own rate, length and batch; the rest shared."""
+        s = self.sft
+        return dataclasses.replace(self.train, lr=s.lr, epochs=s.epochs, max_steps=s.max_steps,
+                                   micro_batch_size=s.micro_batch_size, gradient_accumulation_steps=s.gradient_accumulation_steps,
+                                   global_batch_size=None, warmup_steps=s.warmup_steps, lr_scheduler=s.lr_scheduler)
 
     def tokenizer_path(self) -> str:
         """The tokenizer that makes the cache's ids: model.tokenizer, else the reference model's."""
@@ -153,11 +225,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
+STAGES = ("sft", "score", "train", "generate", "judge", "report")
 VALID = {
     "data.format": ("auto", "hh", "pairs", "messages"),
     "data.truncation_mode": ("keep_end", "keep_start"),
     "score.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.lr_scheduler": ("linear", "cosine", "constant"),
+    "sft.lr_scheduler": ("linear", "cosine", "constant"),
+    "generate.backend": ("hf", "vllm"),
+    "judge.kind": ("openai", "reward_model"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
 }
 
@@ -285,7 +361,7 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
     for dotted, allowed in VALID.items():
         if _get(cfg, dotted) not in allowed:
             raise ConfigError(f"{origins.of(dotted)}: {dotted} must be one of {', '.join(allowed)}; got {_get(cfg, dotted)!r}")
-    d, t = cfg.data, cfg.train
+    d, t, g = cfg.data, cfg.train, cfg.generate
     checks = [
         ("data.max_length", d.max_length > 0, "data.max_length must be > 0"),
         ("data.max_prompt_length", 0 < d.max_prompt_length < d.max_length,
@@ -302,10 +378,40 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
          "train.step0_tolerance must be > 0 (or null for the bound of the dtypes in play)"),
         ("score.shard_size", cfg.score.shard_size > 0, "score.shard_size must be > 0"),
         ("score.token_budget", cfg.score.token_budget > 0, "score.token_budget must be > 0"),
+        ("sft.micro_batch_size", cfg.sft.micro_batch_size > 0, "sft.micro_batch_size must be > 0"),
+        ("sft.gradient_accumulation_steps", cfg.sft.gradient_accumulation_steps > 0, "sft.gradient_accumulation_steps must be > 0"),
+        ("sft.lr", cfg.sft.lr >= 0, "sft.lr must be >= 0"),
+        ("sft.epochs", cfg.sft.epochs > 0, "sft.epochs must be > 0"),
+        ("sft.max_steps", cfg.sft.max_steps >= 0, "sft.max_steps must be >= 0"),
+        ("generate.temperatures", bool(g.temperatures) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in g.temperatures),
+         "generate.temperatures must be a non-empty list of numbers >= 0"),
+        ("generate.num_prompts", g.num_prompts > 0, "generate.num_prompts must be > 0"),
+        ("generate.samples_per_prompt", g.samples_per_prompt > 0, "generate.samples_per_prompt must be > 0"),
+        ("generate.top_p", 0.0 < g.top_p <= 1.0, "generate.top_p must be in (0, 1]"),
+        ("generate.max_new_tokens", g.max_new_tokens > 0, "generate.max_new_tokens must be > 0"),
+        ("generate.batch_size", g.batch_size > 0, "generate.batch_size must be > 0"),
+        ("generate.shard_size", g.shard_size > 0, "generate.shard_size must be > 0"),
+        ("generate.models", all(isinstance(m, str) and (m in ("base", "sft", "dpo") or (m.startswith("step-") and m[5:].isdigit())) for m in g.models),
+         "generate.models entries must be base, sft, dpo or step-N"),
+        ("judge.concurrency", cfg.judge.concurrency > 0, "judge.concurrency must be > 0"),
+        ("judge.max_retries", cfg.judge.max_retries >= 0, "judge.max_retries must be >= 0"),
+        ("judge.timeout_s", cfg.judge.timeout_s > 0, "judge.timeout_s must be > 0"),
     ]
     for dotted, ok, message in checks:
         if not ok:
             raise ConfigError(f"{origins.of(dotted)}: {message}")
+    stages = [x for x in cfg.stages if x not in STAGES]
+    if stages or len(set(cfg.stages)) != len(cfg.stages):
+        raise ConfigError(f"{origins.of('stages')}: stages must be distinct names among {', '.join(STAGES)}; got {cfg.stages!r}")
+    if cfg.uses_sft() and cfg.model.ref_name_or_path:
+        raise ConfigError(f"{origins.of('model.ref_name_or_path')}: model.ref_name_or_path is set while stages holds sft, "
+                          "whose export is the reference; drop one of them")
+    if "generate" in cfg.stages:
+        if "sft" in cfg.generate.models and not cfg.uses_sft():
+            raise ConfigError(f"{origins.of('generate.models')}: generate.models holds sft but stages has no sft stage")
+        if "dpo" in cfg.generate.models and cfg.model.lora.enabled and not cfg.model.lora.merge_on_export:
+            raise ConfigError(f"{origins.of('generate.models')}: sampling the DPO model of a LoRA run needs the merged "
+                              "export: set model.lora.merge_on_export=true")
     _validate_loss(cfg, origins)
 
 
@@ -323,10 +429,10 @@ def _validate_loss(cfg: Config, origins: _Origins) -> None:
 
 
 # Paths the run writes: always under the base folder when relative.
-_OUTPUT_PATHS = ("output_dir", "cache_dir", "export.dir")
+_OUTPUT_PATHS = ("output_dir", "cache_dir", "export.dir", "sft.output_dir")
 # Paths or hub names: resolved when the base folder holds them, or when they can only be local.
 _INPUT_PATHS = ("data.train", "data.eval", "model.name_or_path", "model.ref_name_or_path", "model.tokenizer",
-                "train.deepspeed_config")
+                "train.deepspeed_config", "judge.reward_model")
 
 
 def resolve_paths(cfg: Config, base: str | Path) -> Config:
@@ -338,7 +444,8 @@ def resolve_paths(cfg: Config, base: str | Path) -> Config:
     """
     base = Path(base).expanduser().resolve()
     out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), model=dataclasses.replace(cfg.model),
-                              train=dataclasses.replace(cfg.train), export=dataclasses.replace(cfg.export))
+                              train=dataclasses.replace(cfg.train), export=dataclasses.replace(cfg.export),
+                              sft=dataclasses.replace(cfg.sft), judge=dataclasses.replace(cfg.judge))
     for dotted in _OUTPUT_PATHS + _INPUT_PATHS:
         section, _, name = dotted.rpartition(".")
         node = getattr(out, section) if section else out

@@ -40,18 +40,19 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
 
 
 def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], resume: bool,
-                 overwrite: bool = False, base_dir: str | None = None) -> int:
-    """Run the trainer to its end; SIGTERM/SIGUSR1 sent to this process reach the ranks, which save and stop."""
+                 overwrite: bool = False, base_dir: str | None = None, stage: str = "dpo") -> int:
+    """Run the trainer (stage dpo or sft) to its end; SIGTERM/SIGUSR1 sent to this process reach the
+    ranks, which save and stop."""
     nproc, has_gpu = num_procs(cfg)
     env = dict(os.environ)
     if not has_gpu:  # share the cores: torchrun does not set OMP_NUM_THREADS on its own
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning:deepspeed")
-    args = (["--config", config_path] if config_path else []) + list(overrides)
+    args = ["--stage", stage] + (["--config", config_path] if config_path else []) + list(overrides)
     args += (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
     args += ["--base-dir", base_dir] if base_dir else []
     cmd = torchrun_command(nproc, args)
-    print(f"[dpo-dist] training: torchrun, {nproc} process(es)", flush=True)
+    print(f"[dpo-dist] {'SFT' if stage == 'sft' else 'training'}: torchrun, {nproc} process(es)", flush=True)
     with tempfile.NamedTemporaryFile("r", prefix="dpo-dist-error-", suffix=".txt") as error_file:
         env["DPO_DIST_ERROR_FILE"] = error_file.name  # the ranks' one-line user error, if any
         proc = subprocess.Popen(cmd, env=env)

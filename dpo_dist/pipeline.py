@@ -1,10 +1,10 @@
-"""`dpo-dist run`: check the run folder, score (skipped when the cache is complete and matches),
-train, export, summary.
+"""`dpo-dist run`: the config's stages in order (sft, score, train, generate, judge, report), each
+skipped when its output is complete and matches, then a summary.
 
-One command for one machine; running it again resumes wherever it stopped: complete shards are
-kept, training continues from its latest complete checkpoint. Running it with other
-result-changing settings into the same output_dir is refused before any work (--overwrite moves
-the old run aside).
+One command for one machine; running it again resumes wherever it stopped: a finished SFT run and
+complete shards are kept, training continues from its latest complete checkpoint, generation from
+its last complete shard, judging from its verdict cache. Running it with other result-changing
+settings into the same output_dir is refused before any work (--overwrite moves the old run aside).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
         aside = ident.set_aside(out_dir, keep=[cfg.resolved_cache_dir()], extra=[cfg.export_dir()])
         return f"moved the earlier run in {out_dir} aside to {aside}"
     spec = ident.training_cache(cfg, local_gpus())
-    policy = ident.model_identity(resolve_model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code))
+    policy = ident.model_identity(resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code))
     ident.check_run(out_dir, ident.run_identity(cfg, spec.identity, policy, world_size, load_ds_json(cfg.train.deepspeed_config)))
     return None
 
@@ -96,22 +96,95 @@ def ensure_cache(cfg: Config) -> None:
     ray.shutdown()  # free the cores for training
 
 
+def run_sft(cfg: Config, config_path: str | None, overrides: list[str], world_size: int, resume: bool = True,
+            overwrite: bool = False, base_dir: str | None = None) -> int:
+    """The SFT stage under torchrun, skipped when sft.output_dir holds this exact run, finished.
+    `overwrite` moves an SFT run aside only when it was started with other settings."""
+    from dpo_dist.core.identity import IdentityError
+    from dpo_dist.launch import run_torchrun
+    from dpo_dist.stages.sft import sft_complete
+
+    try:
+        if sft_complete(cfg, world_size):
+            print(f"[dpo-dist] SFT run {cfg.sft_dir()} is complete and matches: SFT skipped", flush=True)
+            return 0
+        overwrite = False  # nothing there, or this run unfinished: resume it
+    except IdentityError:
+        if not overwrite:
+            raise
+    code = run_torchrun(cfg, config_path, overrides, resume=resume, overwrite=overwrite, base_dir=base_dir, stage="sft")
+    if code == 0 and not (cfg.sft_dir() / "final_metrics.json").exists():
+        print("[dpo-dist] SFT stopped early (signal) after saving a checkpoint; rerun the same command to resume")
+        return 75
+    return code
+
+
+def generation_models(cfg: Config) -> list[tuple[str, str, int | None]]:
+    """(label, model folder, DPO step) of each entry of generate.models."""
+    out = []
+    for label in cfg.generate.models:
+        if label == "base":
+            out.append((label, cfg.model.name_or_path, None))
+        elif label == "sft":
+            out.append((label, str(cfg.sft_export_dir()), None))
+        elif label == "dpo":
+            export = cfg.export_dir() / "merged" if cfg.model.lora.enabled else cfg.export_dir()
+            out.append((label, str(export), None))
+        else:  # step-N: exported by the trainer at that step
+            export = Path(cfg.output_dir) / "exports" / label
+            out.append((label, str(export / "merged" if cfg.model.lora.enabled else export), int(label[5:])))
+    return out
+
+
+def run_after_training(cfg: Config) -> None:
+    """generate, judge, report: whichever of them `stages` holds, in that order."""
+    out = Path(cfg.output_dir)
+    if "generate" in cfg.stages:
+        from dpo_dist.stages.generate import run_generate
+
+        for label, model, step in generation_models(cfg):
+            run_generate(cfg, model, label, out / "generations", checkpoint_step=step)
+    if "judge" in cfg.stages:
+        from dpo_dist.stages.judge import run_judge
+
+        run_judge(cfg, out / "generations", out / "judge")
+    if "report" in cfg.stages:
+        from dpo_dist.stages.report import write_report
+
+        path = write_report(out, sft_dir=cfg.sft_dir() if cfg.uses_sft() else None)
+        print(f"[dpo-dist] report: {path}", flush=True)
+
+
 def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], overwrite: bool = False,
                  base_dir: str | None = None) -> int:
     from dpo_dist.launch import num_procs, run_torchrun
 
-    note = check_run_folder(cfg, num_procs(cfg)[0], overwrite)
-    if note:
-        print(f"[dpo-dist] {note}", flush=True)
-    ensure_cache(cfg)
-    code = run_torchrun(cfg, config_path, overrides, resume=True, base_dir=base_dir)
-    if code == 2:  # the ranks refused the input; the error is printed
-        return code
-    if code != 0:
-        print(f"[dpo-dist] training failed (exit {code}); rerun the same command to resume from the last checkpoint")
-        return code
-    if not (Path(cfg.output_dir) / "final_metrics.json").exists():
-        print("[dpo-dist] training stopped early (signal) after saving a checkpoint; rerun the same command to resume")
-        return 75  # EX_TEMPFAIL: not finished, resumable
-    print(summary(cfg))
+    world = num_procs(cfg)[0]
+    sft_pending = cfg.uses_sft() and not (cfg.sft_export_dir() / "config.json").is_file()
+    if not sft_pending:  # with the SFT export at hand, the DPO run folder is checked before any work
+        note = check_run_folder(cfg, world, overwrite)
+        if note:
+            print(f"[dpo-dist] {note}", flush=True)
+    if cfg.uses_sft():
+        code = run_sft(cfg, config_path, overrides, world, overwrite=overwrite, base_dir=base_dir)
+        if code != 0:
+            return code
+        if sft_pending:
+            note = check_run_folder(cfg, world, overwrite)
+            if note:
+                print(f"[dpo-dist] {note}", flush=True)
+    if "score" in cfg.stages:
+        ensure_cache(cfg)
+    if "train" in cfg.stages:
+        code = run_torchrun(cfg, config_path, overrides, resume=True, base_dir=base_dir)
+        if code == 2:  # the ranks refused the input; the error is printed
+            return code
+        if code != 0:
+            print(f"[dpo-dist] training failed (exit {code}); rerun the same command to resume from the last checkpoint")
+            return code
+        if not (Path(cfg.output_dir) / "final_metrics.json").exists():
+            print("[dpo-dist] training stopped early (signal) after saving a checkpoint; rerun the same command to resume")
+            return 75  # EX_TEMPFAIL: not finished, resumable
+        print(summary(cfg))
+    run_after_training(cfg)
     return 0

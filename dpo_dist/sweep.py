@@ -41,7 +41,7 @@ from dpo_dist.config import Config, ConfigError, load_config
 
 # Config fields a sweep run may not change: the shared cache depends on them (or the sweep sets them).
 _CACHE_FIELDS = ("data", "score", "model.ref_name_or_path", "model.tokenizer", "model.trust_remote_code",
-                 "output_dir", "cache_dir")
+                 "output_dir", "cache_dir", "stages", "sft")
 
 
 @dataclass
@@ -150,9 +150,10 @@ def plan(config_path: str | None, base_overrides: list[str], sweep: Sweep) -> tu
             if bad:
                 raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r}: {override} changes {bad}, which the "
                                   "shared cache depends on (or the sweep sets); put it in the base config")
-        if any(_touches(o, "model.name_or_path") for o in run.overrides) and not base.model.ref_name_or_path:
+        if any(_touches(o, "model.name_or_path") for o in run.overrides) and (base.uses_sft() or not base.model.ref_name_or_path):
             raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r} changes model.name_or_path while the reference "
-                              "defaults to the policy; set model.ref_name_or_path in the base config")
+                              + ("is the SFT export of that model; put it in the base config" if base.uses_sft()
+                                 else "defaults to the policy; set model.ref_name_or_path in the base config"))
         try:
             cfg = load_config(config_path, [*base_overrides, *run.overrides, f"output_dir={root / run.name}", f"cache_dir={cache}"])
         except ConfigError as e:

@@ -1,6 +1,7 @@
-"""Train the policy with DeepSpeed from the reference cache: one process per device.
+"""Train with DeepSpeed, one process per device: DPO from the reference cache, or SFT (--stage sft).
 
     torchrun --nproc_per_node 8 launchers/train_dpo.py --config CFG [KEY=VALUE ...] [--resume]
+    torchrun --nproc_per_node 8 launchers/train_dpo.py --stage sft --config CFG --resume
     srun torchrun --nnodes $SLURM_NNODES --nproc_per_node 8 --rdzv_backend c10d \
          --rdzv_endpoint $HEAD:29500 --rdzv_id $SLURM_JOB_ID launchers/train_dpo.py --config CFG --resume
 
@@ -27,6 +28,7 @@ from dpo_dist.core.errors import USER_ERRORS  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config")
+    parser.add_argument("--stage", choices=("dpo", "sft"), default="dpo", help="what to train (default dpo)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint if any")
     parser.add_argument("--overwrite", action="store_true", help="move an existing run in output_dir aside, then start over")
     parser.add_argument("--base-dir", help="resolve relative paths in the config against this folder")
@@ -36,9 +38,14 @@ def main() -> int:
         cfg = load_config(args.config, args.overrides)
         if args.base_dir:
             cfg = resolve_paths(cfg, args.base_dir)
-        from dpo_dist.stages.train import train
+        if args.stage == "sft":
+            from dpo_dist.stages.sft import sft
 
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+            result = sft(cfg, resume=args.resume, overwrite=args.overwrite)
+        else:
+            from dpo_dist.stages.train import train
+
+            result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except USER_ERRORS as e:  # raised on every rank alike (checks are shared); rank 0 reports it
         if os.environ.get("DPO_DIST_DEBUG"):
             raise

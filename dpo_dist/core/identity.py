@@ -35,7 +35,7 @@ RUN_FILE = "run.json"
 # Run identity fields that may grow on resume (train longer), and what is not identity at all:
 # logging, eval and save cadence, keep_last, export, gradient checkpointing, num_procs (its effect,
 # the world size, is identity).
-GROWABLE = ("train.steps",)
+GROWABLE = ("train.steps", "sft.steps")
 
 
 class IdentityError(UserError):
@@ -233,8 +233,6 @@ def run_identity(cfg, cache_id: dict, policy_weights: str, world_size: int, ds_c
     t, loss, lora = cfg.train, cfg.loss, cfg.model.lora
     global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
     steps = t.max_steps or t.epochs * (pair_count(cache_id) // global_batch)
-    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else (
-        "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
     identity = {f"cache.{k}": v for k, v in cache_id.items()}
     identity.update({
         "policy.weights": policy_weights,
@@ -248,11 +246,38 @@ def run_identity(cfg, cache_id: dict, policy_weights: str, world_size: int, ds_c
         "train.world_size": world_size, "train.lr": t.lr, "train.weight_decay": t.weight_decay,
         "train.adam_betas": list(t.adam_betas), "train.warmup_steps": t.warmup_steps,
         "train.lr_scheduler": t.lr_scheduler, "train.max_grad_norm": t.max_grad_norm, "train.steps": steps,
-        "train.seed": t.seed, "train.precision": precision,
+        "train.seed": t.seed, "train.precision": _precision(ds_config),
         "train.zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
         "train.deepspeed_config": "sha256:" + short_hash(ds_config),
     })
     return identity
+
+
+def sft_identity(cfg, tokenizer, base_weights: str, world_size: int, ds_config: dict) -> dict[str, Any]:
+    """The result-changing config of an SFT run: base weights, data, tokenization, SFT optimisation."""
+    from dpo_dist.core.tokenize import TOKENIZE_VERSION
+
+    d, t, lora = cfg.data, cfg.sft_train(), cfg.sft.lora
+    n_train = pair_count(data_identity(d))
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    return {**data_identity(d), **tokenizer_identity(tokenizer),
+            "data.max_length": d.max_length, "data.max_prompt_length": d.max_prompt_length,
+            "data.truncation_mode": d.truncation_mode, "tokenize.version": TOKENIZE_VERSION,
+            "base.weights": base_weights, "model.attn_implementation": cfg.model.attn_implementation,
+            "sft.lora": (json.dumps({"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+                                     "target_modules": sorted(lora.target_modules)}, sort_keys=True) if lora.enabled else "off"),
+            "sft.micro_batch_size": t.micro_batch_size, "sft.gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "sft.world_size": world_size, "sft.lr": t.lr, "sft.warmup_steps": t.warmup_steps,
+            "sft.lr_scheduler": t.lr_scheduler, "sft.steps": t.max_steps or t.epochs * (n_train // global_batch),
+            "train.weight_decay": t.weight_decay, "train.adam_betas": list(t.adam_betas),
+            "train.max_grad_norm": t.max_grad_norm, "train.seed": t.seed, "train.precision": _precision(ds_config),
+            "train.zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+            "train.deepspeed_config": "sha256:" + short_hash(ds_config)}
+
+
+def _precision(ds_config: dict) -> str:
+    return "bf16" if ds_config.get("bf16", {}).get("enabled") else (
+        "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
 
 
 def diff(old: dict, new: dict, grow: Iterable[str] = ()) -> list[str]:

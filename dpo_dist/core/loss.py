@@ -372,3 +372,14 @@ def _check_shapes(**tensors: Tensor | None) -> None:
                 f"{name} has shape {tuple(t.shape)}, expected (B,) = {tuple(expected)} "
                 "like policy_chosen_logps"
             )
+
+
+def sft_loss(logps_sum: Tensor, num_tokens: Tensor) -> Tensor:
+    """Supervised fine-tuning loss: mean negative log-likelihood per response token of the batch.
+
+    logps_sum: (B,) summed log-probs of each response (prompt tokens masked out, logps.sequence_logps);
+    num_tokens: (B,) response token counts. Returns the scalar -sum_b logps_sum_b / sum_b num_tokens_b,
+    so every token weighs the same whatever the length of its sequence (the DPO paper's SFT stage
+    maximises the likelihood of the preferred responses y_w given x).
+    """
+    return -logps_sum.sum() / num_tokens.sum().clamp(min=1)

@@ -48,8 +48,8 @@ class TBWriter:
         for key, value in values.items():
             self.w.add_scalar(f"{prefix}/{key}", value, step)
 
-    def add_text(self, tag: str, text: str) -> None:
-        self.w.add_text(tag, text)
+    def add_text(self, tag: str, text: str, step: int | None = None) -> None:
+        self.w.add_text(tag, text, global_step=step)
 
     def add_hparams(self, hparams: dict, metrics: dict) -> None:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}

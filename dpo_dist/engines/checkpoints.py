@@ -14,9 +14,10 @@ import signal
 from pathlib import Path
 
 from dpo_dist.core.cache import atomic_write_bytes
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, barrier
+from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier
 
 COMPLETE = "COMPLETE"
+STOP_FILE = "STOP"  # OUTPUT_DIR/STOP: stop after the current step with a checkpoint (see StopFlag)
 LATEST = "latest"
 
 
@@ -79,3 +80,31 @@ def _maybe_killed_during_save(step: int, dist: Dist) -> None:
     spec = os.environ.get("DPO_DIST_KILL_DURING_SAVE", "")
     if spec and spec == f"{step}:{dist.rank}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StopFlag:
+    """SIGTERM or SIGUSR1 (Slurm's warning before a time limit or preemption) to any rank, or a file
+    OUTPUT_DIR/STOP (what slurm/dpo_hh.sbatch writes on its USR1), asks the loop to stop after the
+    current step, save, and exit 0, so a requeued job resumes where this one stopped."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, stop_file: Path):
+        self.signal: int | None = None
+        self.stop_file = stop_file
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def reason(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else f"{self.stop_file}"
+
+    def agreed(self, dist: Dist) -> bool:
+        """True on every rank when any rank was signalled or rank 0 sees the stop file (a collective)."""
+        asked = self.signal is not None or (dist.is_main and self.stop_file.exists())
+        return all_reduce({"stop": float(asked)}, dist, op="max")["stop"] > 0
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

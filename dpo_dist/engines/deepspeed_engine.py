@@ -129,6 +129,16 @@ def all_reduce(values: dict[str, float], dist: Dist, op: str = "mean") -> dict[s
     return {k: v / scale for k, v in zip(keys, t.tolist())}
 
 
+def rank_rounds(num_batches: int, dist: Dist) -> list[int | None]:
+    """This rank's share of `num_batches` evaluation batches, padded with None so that every rank
+    runs the same number of forwards (ZeRO-3 gathers weights collectively: a rank that stops early
+    would hang the others). The caller runs a throw-away forward for each None."""
+    import math
+
+    mine: list[int | None] = list(range(dist.rank, num_batches, dist.world_size))
+    return mine + [None] * (math.ceil(num_batches / dist.world_size) - len(mine))
+
+
 def barrier(dist: Dist) -> None:
     import torch.distributed as tdist
 

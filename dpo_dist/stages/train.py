@@ -13,22 +13,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_dist.core import cache as cache_mod
 from dpo_dist.engines import checkpoints
+from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
+from dpo_dist.engines.policy import export_model, load_policy
 from dpo_dist.config import Config, to_yaml
-from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, barrier, build_engine, compute_init, fill_ds_config,
-                             load_ds_json, local_param_fraction, on_main, param_counts, precision, zero3_init)
+from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, build_engine, compute_init, fill_ds_config,
+                             load_ds_json, local_param_fraction, on_main, param_counts, precision, rank_rounds)
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
 from dpo_dist.core.sampler import BatchPlan
 
 CKPT = "checkpoints"
-STOP_FILE = "STOP"  # OUTPUT_DIR/STOP: stop after the current step with a checkpoint (see StopFlag)
 # Step-0 bounds on |policy - cached reference| per token, for any pair, when the policy is the
 # reference. float32 on both sides differs only by summation order (batch shapes, padding):
 # measured 1e-6. With a bf16 side the worst pair measured 6.3e-3 (bench/bench_step0_bound.py,
@@ -82,7 +82,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
     out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / CKPT
     spec = ident.training_cache(cfg)
     cache_mod.open_cache(cfg.resolved_cache_dir(), spec.identity)
-    policy_dir = resolve_model_dir(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    policy_dir = resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code)
     policy_weights = ident.model_identity(policy_dir)
     ds_raw = load_ds_json(cfg.train.deepspeed_config)
     run_id = ident.run_identity(cfg, spec.identity, policy_weights, world_size, ds_raw)
@@ -101,7 +101,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "
                      + (f"step-{latest}" if latest is not None else "the start"))
     if not same or ident.read_run(out_dir) != run_id:  # new, or allowed to train longer
-        ident.write_run(out_dir, run_id, {"policy": cfg.model.name_or_path, **spec.names})
+        ident.write_run(out_dir, run_id, {"policy": cfg.policy_model(), **spec.names})
     final = out_dir / "final_metrics.json"
     finished = (resume and latest == run_id["train.steps"] and final.exists()
                 and (not cfg.export.enabled or cfg.export_dir().exists()))
@@ -109,34 +109,6 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
         final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
     return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
                     latest if resume else None, finished, notes)
-
-
-# ----------------------------------------------------------------------------- model
-
-def load_policy(cfg: Config, policy_dir: Path, ds_config: dict):
-    """from_pretrained under ZeRO-3 (partitioned at load), in the engine's dtype, every dropout off,
-    optional LoRA. Returns (model, keepalive): keep the second alive while the engine is built."""
-    import torch
-
-    from dpo_dist.models import load_causal_lm
-
-    keep = zero3_init(ds_config)
-    model = load_causal_lm(policy_dir, dtype=getattr(torch, precision(ds_config)),
-                           attn_implementation=cfg.model.attn_implementation,
-                           trust_remote_code=cfg.model.trust_remote_code)
-    model.config.use_cache = False  # training never reuses past keys; export turns it back on
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.model.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lora = cfg.model.lora
-        targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
-        if cfg.model.gradient_checkpointing:
-            model.enable_input_require_grads()
-    return model, keep
 
 
 # ----------------------------------------------------------------------------- batches
@@ -226,17 +198,14 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
     if len(split) == 0:
         return {}
     batches = length_batches(split.lengths(), token_budget=10**12, max_items=cfg.train.micro_batch_size)
-    mine = batches[dist.rank::dist.world_size]
-    rounds = math.ceil(len(batches) / dist.world_size)
     sums = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                              "rewards/margins", "logps/chosen", "logps/rejected", "pairs")}
     engine.eval()
     with torch.no_grad():
-        for i in range(rounds):
-            real = i < len(mine)
-            batch = collate([split[j] for j in (mine[i] if real else batches[0])], pad_id, dist.device)
+        for i in rank_rounds(len(batches), dist):
+            batch = collate([split[j] for j in batches[i or 0]], pad_id, dist.device)
             out = dpo_forward(engine, batch, cfg)
-            if not real:
+            if i is None:
                 continue  # a padding forward so that every rank joins ZeRO-3's gathers
             n = out["losses"].shape[0]
             for key, value in batch_metrics(out).items():
@@ -245,97 +214,6 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
     engine.train()
     total = all_reduce(sums, dist, op="sum")
     return {k: v / total["pairs"] for k, v in total.items() if k != "pairs"}
-
-
-# ----------------------------------------------------------------------------- preemption
-
-class StopFlag:
-    """SIGTERM or SIGUSR1 (Slurm's warning before a time limit or preemption) to any rank, or a file
-    OUTPUT_DIR/STOP (what slurm/dpo_hh.sbatch writes on its USR1), asks the loop to stop after the
-    current step, save, and exit 0, so a requeued job resumes where this one stopped."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, stop_file: Path):
-        self.signal: int | None = None
-        self.stop_file = stop_file
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def reason(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else f"{self.stop_file}"
-
-    def agreed(self, dist: Dist) -> bool:
-        """True on every rank when any rank was signalled or rank 0 sees the stop file (a collective)."""
-        asked = self.signal is not None or (dist.is_main and self.stop_file.exists())
-        return all_reduce({"stop": float(asked)}, dist, op="max")["stop"] > 0
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------- export
-
-def export_model(engine: Engine, cfg: Config, prepared: Prepared, tokenizer, dist: Dist) -> Path:
-    """Gather the ZeRO-3 shards to rank 0 and write a Hugging Face model (or LoRA adapter) folder,
-    ready for generation: use_cache on, the policy's generation config and original dropout values."""
-    from dpo_dist.engines.deepspeed_engine import release_zero3
-
-    state = engine.full_state_dict()  # collective: every rank must call it
-    out = cfg.export_dir()
-    if dist.is_main:
-        import shutil
-
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from dpo_dist.models import load_causal_lm, load_config
-
-        release_zero3()
-        original = load_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.model.lora.enabled:
-            engine.module.save_pretrained(str(tmp), state_dict={k: v.cpu() for k, v in state.items()})
-            if cfg.model.lora.merge_on_export:
-                from peft import PeftModel
-
-                base = load_causal_lm(prepared.policy_dir, dtype=torch.bfloat16, attn_implementation=cfg.model.attn_implementation,
-                                      trust_remote_code=cfg.model.trust_remote_code)
-                merged = PeftModel.from_pretrained(base, str(tmp)).merge_and_unload()
-                _ready_for_generation(merged, original)
-                merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
-                tokenizer.save_pretrained(str(tmp / "merged"))
-        else:
-            model = AutoModelForCausalLM.from_config(engine.module.config, dtype=torch.bfloat16,
-                                                     trust_remote_code=cfg.model.trust_remote_code)
-            missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
-            missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", []) and "lm_head" not in k]
-            if missing or unexpected:
-                raise RuntimeError(f"export: gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-            model.generation_config = engine.module.generation_config
-            _ready_for_generation(model, original)
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    barrier(dist)
-    return out
-
-
-def _ready_for_generation(model, original) -> None:
-    """The exported config as the user's model had it: use_cache on, dropout values restored (the
-    trainer turned them off, models.disable_dropout; further fine-tuning may want them)."""
-    from dpo_dist.models import random_in_training
-
-    model.config.use_cache = True
-    for key, value in original.to_dict().items():
-        if random_in_training(key) and isinstance(value, (int, float)) and hasattr(model.config, key):
-            setattr(model.config, key, value)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -387,7 +265,7 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
     ds_config = fill_ds_config(load_ds_json(t.deepspeed_config), t, dist.world_size, hidden,
                                has_gpu=dist.device != "cpu", source=t.deepspeed_config)
     torch.manual_seed(t.seed)
-    model, _keep = load_policy(cfg, prepared.policy_dir, ds_config)
+    model, _keep = load_policy(cfg.model, cfg.model.lora, prepared.policy_dir, ds_config)
     n_params, n_trainable = param_counts(model)
     engine = build_engine(model, ds_config, t, total_steps)
     start_step = 0
@@ -490,6 +368,9 @@ def run_steps(run: Run, stop: StopFlag) -> tuple[dict, int, bool]:
             saved = (t.save_steps and done % t.save_steps == 0) or done == run.total_steps
             if saved:
                 save(run, done)
+            if f"step-{done}" in run.cfg.generate.models:  # a checkpoint to sample later (generate)
+                export_model(run.engine, run.cfg.model, run.cfg.model.lora, run.prepared.policy_dir,
+                             run.out_dir / "exports" / f"step-{done}", run.tokenizer, dist)
             if os.environ.get("DPO_DIST_CRASH_AFTER_STEP") == str(done):  # failure injection for resume tests
                 raise SystemExit(f"DPO_DIST_CRASH_AFTER_STEP={done}: simulated crash")
             if done < run.total_steps and stop.agreed(dist):
@@ -509,7 +390,8 @@ def finish(run: Run, metrics: dict) -> TrainResult:
     cfg, dist, t = run.cfg, run.dist, run.cfg.train
     eval_metrics = evaluate(run.engine, run.eval_split, cfg, dist, run.pad_id)
     run.writer.add_scalars_dict("eval", eval_metrics, run.total_steps)
-    export_dir = export_model(run.engine, cfg, run.prepared, run.tokenizer, dist) if cfg.export.enabled else None
+    export_dir = (export_model(run.engine, cfg.model, cfg.model.lora, run.prepared.policy_dir, cfg.export_dir(), run.tokenizer, dist)
+                  if cfg.export.enabled else None)
     final = {"steps": run.total_steps, "world_size": dist.world_size, "local_param_fraction": run.local_fraction,
              "train": metrics, "eval": eval_metrics, "export_dir": str(export_dir) if export_dir else None}
     if dist.is_main:

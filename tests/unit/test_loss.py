@@ -361,3 +361,25 @@ def test_shape_mismatch():
         run("ipo", rejected_lengths=torch.tensor([3]))
     with pytest.raises(ValueError, match=r"policy_chosen_logps must have shape \(B,\)"):
         run(pc=[[-1.0, -4.0]])
+
+
+def test_sft_loss_is_token_mean_cross_entropy_over_the_responses():
+    """sft_loss(sequence_logps(...)) == F.cross_entropy over response tokens only (prompt and padding
+    ignored), by a naive loop in float64: sum of -log p(token) over response tokens / their count."""
+    from dpo_dist.core.logps import sequence_batch, sequence_logps
+    from dpo_dist.core.loss import sft_loss
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [([5, 6, 7], [8, 9]), ([5], [3, 4, 2, 1]), ([1, 2, 3, 4], [6])]
+    batch = sequence_batch(seqs, pad_token_id=0)
+    logits = torch.randn(*batch["input_ids"].shape, 11, generator=g, dtype=torch.float64)
+    got = sft_loss(*sequence_logps(logits, batch["labels"]))
+    nll, n = 0.0, 0
+    for row, (prompt, response) in enumerate(seqs):
+        for j, token in enumerate(response):
+            pos = len(prompt) + j - 1  # the logits at pos predict the token at pos + 1
+            nll -= float(torch.log_softmax(logits[row, pos], -1)[token])
+            n += 1
+    assert math.isclose(float(got), nll / n, rel_tol=1e-12)
+    flat = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert math.isclose(float(got), float(flat), rel_tol=1e-12)

@@ -1,0 +1,96 @@
+"""The trained model in and out of DeepSpeed: load under ZeRO-3 (optionally with LoRA), export a
+Hugging Face folder. Shared by the SFT and DPO stages."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dpo_dist.config import LoraConfig, ModelConfig
+from dpo_dist.engines.deepspeed_engine import Dist, Engine, barrier, precision, release_zero3, zero3_init
+
+
+def load_policy(model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, ds_config: dict):
+    """from_pretrained under ZeRO-3 (partitioned at load), in the engine's dtype, every dropout off,
+    optional LoRA. Returns (model, keepalive): keep the second alive while the engine is built."""
+    import torch
+
+    from dpo_dist.models import load_causal_lm
+
+    keep = zero3_init(ds_config)
+    model = load_causal_lm(policy_dir, dtype=getattr(torch, precision(ds_config)),
+                           attn_implementation=model_cfg.attn_implementation,
+                           trust_remote_code=model_cfg.trust_remote_code)
+    model.config.use_cache = False  # training never reuses past keys; export turns it back on
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+        model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=targets, task_type="CAUSAL_LM"))
+        if model_cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model, keep
+
+
+def export_model(engine: Engine, model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, out: Path,
+                 tokenizer, dist: Dist, merged_at_top: bool = False) -> Path:
+    """Gather the ZeRO-3 shards to rank 0 and write a Hugging Face folder at `out`, ready for
+    generation: use_cache on, the policy's generation config and original dropout values.
+
+    With LoRA: the adapter at `out` (and the merged model in `out/merged` when lora.merge_on_export);
+    `merged_at_top` puts the merged full model at `out` and the adapter in `out/adapter` instead, for
+    a stage whose export must be a full model (SFT: the next stage's reference). Collective.
+    """
+    state = engine.full_state_dict()  # collective: every rank must call it
+    if dist.is_main:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from dpo_dist.models import load_causal_lm, load_config
+
+        release_zero3()
+        trust = model_cfg.trust_remote_code
+        original = load_config(policy_dir, trust_remote_code=trust)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lora.enabled:
+            adapter_dir = tmp / "adapter" if merged_at_top else tmp
+            engine.module.save_pretrained(str(adapter_dir), state_dict={k: v.cpu() for k, v in state.items()})
+            if lora.merge_on_export or merged_at_top:
+                from peft import PeftModel
+
+                base = load_causal_lm(policy_dir, dtype=torch.bfloat16, attn_implementation=model_cfg.attn_implementation,
+                                      trust_remote_code=trust)
+                merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+                _ready_for_generation(merged, original)
+                merged_dir = tmp if merged_at_top else tmp / "merged"
+                merged.save_pretrained(str(merged_dir), safe_serialization=True)
+                tokenizer.save_pretrained(str(merged_dir))
+        else:
+            model = AutoModelForCausalLM.from_config(engine.module.config, dtype=torch.bfloat16, trust_remote_code=trust)
+            missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
+            missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", []) and "lm_head" not in k]
+            if missing or unexpected:
+                raise RuntimeError(f"export: gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            model.generation_config = engine.module.generation_config
+            _ready_for_generation(model, original)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    barrier(dist)
+    return out
+
+
+def _ready_for_generation(model, original) -> None:
+    """The exported config as the user's model had it: use_cache on, dropout values restored (the
+    trainer turned them off, models.disable_dropout; further fine-tuning may want them)."""
+    from dpo_dist.models import random_in_training
+
+    model.config.use_cache = True
+    for key, value in original.to_dict().items():
+        if random_in_training(key) and isinstance(value, (int, float)) and hasattr(model.config, key):
+            setattr(model.config, key, value)
