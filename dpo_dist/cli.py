@@ -71,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, base_dir=False)
     p.set_defaults(run=_sweep)
 
+    from dpo_dist.stages.evaluate import add_eval_args
+
+    p = sub.add_parser("eval", help="held-out preference accuracy and reward margins of a model or checkpoint, "
+                       "against the cached reference")
+    _add_config_args(p)
+    add_eval_args(p)
+    p.set_defaults(run=_eval)
+
+    from dpo_dist.stages.report import add_report_args, run_report_cli
+
+    p = sub.add_parser("report", help="plots (loss, rewards, log-probs, SFT loss, win rates) and report.md of a run folder")
+    add_report_args(p)
+    p.set_defaults(run=run_report_cli)
+
     p = sub.add_parser("cache", help="inspect a reference cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     info = cache_sub.add_parser("info", help="print the manifest summary; --verify checks every shard")
@@ -155,6 +169,14 @@ def _sweep(args) -> int:
     if args.slurm:
         return sweep.submit_slurm(args.config, args.overrides, args.sweep, args.sbatch_args, args.score_sbatch_args, args.overwrite)
     return sweep.run_sweep(args.config, args.overrides, args.sweep, overwrite=args.overwrite)
+
+
+def _eval(args) -> int:
+    from dpo_dist.stages.evaluate import evaluate_model, print_result
+
+    print_result(evaluate_model(_load(args), model=args.model, checkpoint=args.checkpoint, dtype=args.dtype,
+                                label=args.label, batch_size=args.batch_size))
+    return 0
 
 
 def _cache_ready(args) -> int:

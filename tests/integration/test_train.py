@@ -256,6 +256,17 @@ def test_export_holds_the_trained_weights_and_is_ready_to_generate(work, learned
     final = json.loads((learned / "final_metrics.json").read_text())["eval"]
     assert wins / len(rows) == pytest.approx(final["rewards/accuracies"], abs=0.02)
     assert sum(margins) / len(margins) == pytest.approx(final["rewards/margins"], rel=0.02)
+    # `dpo-dist eval` computes the same numbers, for the export and for the last DeepSpeed checkpoint
+    # (its float32 master weights: within bf16 rounding of the export's).
+    proc = run(DPO + ["eval", "--model", str(export), "--dtype", "bfloat16", *base("run_a")], work)
+    got = json.loads((learned / "eval" / "export.json").read_text())
+    assert "held-out reward accuracy" in proc.stdout and got["n"] == len(rows)
+    assert got["accuracy"] == pytest.approx(wins / len(rows), abs=1e-9)
+    assert got["margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-3)
+    run(DPO + ["eval", "--checkpoint", "16", *base("run_a")], work)
+    ckpt = json.loads((learned / "eval" / "step-16.json").read_text())
+    assert ckpt["step"] == 16 and ckpt["accuracy"] == pytest.approx(got["accuracy"], abs=0.03)
+    assert ckpt["margin"] == pytest.approx(got["margin"], rel=0.05)
     base_model = AutoModelForCausalLM.from_pretrained(work / "model")
     assert final["rewards/margins"] > 0.5  # and the untrained model would give margin 0:
     assert any(not torch.equal(p.float(), q.float()) for p, q in zip(model.parameters(), base_model.parameters()))

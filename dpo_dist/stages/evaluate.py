@@ -1,0 +1,134 @@
+"""`dpo-dist eval`: held-out preference accuracy and reward margins of any model against the cache.
+
+    dpo-dist eval --config CFG --model outputs/run/export              # an exported model (or LoRA adapter)
+    dpo-dist eval --config CFG --checkpoint 200                        # a DeepSpeed checkpoint of the run
+
+The eval split's reference log-probs come from the cache (no reference model is loaded); the model's
+own log-probs are computed in one process (GPU when there is one). Rewards follow the config's loss:
+r = beta * (policy - reference) log-ratio (Eq. 5, arXiv:2305.18290), accuracy = share of pairs with
+r_chosen > r_rejected. Writes OUTPUT_DIR/eval/<label>.json, the form `dpo-dist report` reads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from dpo_dist.config import Config
+from dpo_dist.core import cache as cache_mod
+from dpo_dist.core.errors import UserError
+
+
+def _load_model(cfg: Config, model: str | None, checkpoint: int | None, dtype):
+    """(model, label, source path, step) for an exported folder, a LoRA adapter folder, or a checkpoint."""
+    from dpo_dist.models import load_causal_lm, load_config, resolve_model_dir
+
+    trust = cfg.model.trust_remote_code
+    if checkpoint is not None:
+        ckpt = Path(cfg.output_dir) / "checkpoints"
+        if not (ckpt / f"step-{checkpoint}" / "COMPLETE").is_file():
+            raise UserError(f"{ckpt}/step-{checkpoint}: no complete checkpoint of step {checkpoint}")
+        if cfg.model.lora.enabled:
+            raise UserError("--checkpoint reads full-weight runs; for a LoRA run evaluate an export (--model)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from transformers import AutoModelForCausalLM
+
+        policy_dir = resolve_model_dir(cfg.policy_model(), trust_remote_code=trust)
+        net = AutoModelForCausalLM.from_config(load_config(policy_dir, trust_remote_code=trust), dtype=dtype,
+                                               trust_remote_code=trust)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"step-{checkpoint}")
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in getattr(net, "_tied_weights_keys", []) and "lm_head" not in k]
+        if missing or unexpected:
+            raise UserError(f"{ckpt}/step-{checkpoint}: its weights do not fit {policy_dir} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return net.to(dtype), f"step-{checkpoint}", str(ckpt / f"step-{checkpoint}"), checkpoint
+    path = Path(model).expanduser()
+    if (path / "adapter_config.json").is_file():  # a LoRA export: the adapter on its base model
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        net = PeftModel.from_pretrained(load_causal_lm(resolve_model_dir(base, trust_remote_code=trust), dtype=dtype,
+                                                       attn_implementation=cfg.model.attn_implementation,
+                                                       trust_remote_code=trust), str(path))
+        return net, path.name, str(path), None
+    folder = resolve_model_dir(model, trust_remote_code=trust)
+    net = load_causal_lm(folder, dtype=dtype, attn_implementation=cfg.model.attn_implementation, trust_remote_code=trust)
+    step = int(path.name[5:]) if path.name.startswith("step-") and path.name[5:].isdigit() else None
+    return net, path.name, str(folder), step
+
+
+def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None = None, dtype: str = "auto",
+                   label: str | None = None, batch_size: int = 8) -> dict:
+    """Preference metrics of one model over the cached eval split; writes OUTPUT_DIR/eval/<label>.json."""
+    import torch
+    from tqdm import tqdm
+
+    from dpo_dist.core.identity import training_cache
+    from dpo_dist.core.logps import concat_batch, concatenated_forward, split_chosen_rejected
+    from dpo_dist.core.loss import preference_loss
+
+    if (model is None) == (checkpoint is None):
+        raise UserError("give exactly one of --model PATH and --checkpoint STEP")
+    manifest = cache_mod.open_cache(cfg.resolved_cache_dir(), training_cache(cfg).identity)
+    split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "eval", manifest)
+    if len(split) == 0:
+        raise UserError(f"{cfg.resolved_cache_dir()}: the cache has no eval pairs (set data.eval or data.eval_fraction)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    net, default_label, source, step = _load_model(cfg, model, checkpoint, torch_dtype)
+    net = net.to(device).eval()
+    from dpo_dist.models import load_tokenizer
+
+    tokenizer = load_tokenizer(training_cache(cfg).tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss_cfg = cfg.loss
+    sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0, "accuracy": 0.0}
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(split), batch_size), desc="eval", unit="batch", mininterval=5):
+            rows = [split[i] for i in range(start, min(start + batch_size, len(split)))]
+            batch = {k: v.to(device) for k, v in concat_batch(rows, pad_id).items()}
+            logps, counts = concatenated_forward(net, batch)
+            chosen, rejected = split_chosen_rejected(logps.float())
+            n_chosen, n_rejected = split_chosen_rejected(counts)
+            losses, rc, rr = preference_loss(
+                chosen, rejected, torch.tensor([r["ref_chosen_logps"] for r in rows], device=device),
+                torch.tensor([r["ref_rejected_logps"] for r in rows], device=device),
+                loss_type=loss_cfg.loss_type, beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
+                chosen_lengths=n_chosen, rejected_lengths=n_rejected, **loss_cfg.params)
+            sums["loss"] += float(losses.sum())
+            sums["chosen_reward"] += float(rc.sum())
+            sums["rejected_reward"] += float(rr.sum())
+            sums["margin"] += float((rc - rr).sum())
+            sums["accuracy"] += float((rc > rr).float().sum())
+    n = len(split)
+    from dpo_dist.core.identity import model_identity
+
+    result = {"model": label or default_label, "model_path": source, "step": step, "n": n,
+              **{k: v / n for k, v in sums.items()}, "loss_type": loss_cfg.loss_type, "beta": loss_cfg.beta,
+              "dtype": str(torch_dtype).removeprefix("torch."), "seconds": round(time.perf_counter() - started, 2)}
+    if checkpoint is None and not Path(source, "adapter_config.json").is_file():
+        result["model_identity"] = model_identity(source)
+    out = Path(cfg.output_dir) / "eval" / f"{result['model']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cache_mod.atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+    result["path"] = str(out)
+    return result
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="PATH", help="an exported model or LoRA adapter folder (or hub id)")
+    what.add_argument("--checkpoint", type=int, metavar="STEP", help="a complete DeepSpeed checkpoint of OUTPUT_DIR")
+    p.add_argument("--label", help="name of the result (default: the folder name, or step-N)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
+
+
+def print_result(r: dict) -> None:
+    print(f"{r['model']}: held-out reward accuracy {r['accuracy']:.3f}, margin {r['margin']:.3f} "
+          f"(chosen {r['chosen_reward']:.3f}, rejected {r['rejected_reward']:.3f}), loss {r['loss']:.4f} "
+          f"over {r['n']} pairs ({r['loss_type']}, beta {r['beta']:g}); {r['path']}")
