@@ -21,7 +21,7 @@ DEMO_OVERRIDES := data.train=$(abspath $(DATA)) data.eval= data.eval_fraction=0.
 endif
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo paper-demo bench clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ demo: install
 	@test -f $(DEMO)/train.jsonl || $(DPO) synthetic $(DEMO)/train.jsonl --n 480 --seed 1
 	@test -f $(DEMO)/eval.jsonl || $(DPO) synthetic $(DEMO)/eval.jsonl --n 96 --seed 2 --split eval
 	$(DPO) run --config configs/demo.yaml $(DEMO_OVERRIDES)
+
+# The DPO paper's recipe (SFT, score, DPO, sampling at 4 temperatures, judge, report), offline on CPU.
+paper-demo: install
+	$(PY) -m dpo_dist.fixtures.paper_demo --config configs/paper_demo.yaml
 
 bench: install
 	$(PY) bench/bench_score.py

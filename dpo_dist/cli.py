@@ -64,12 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="move a run started with other settings in output_dir aside (never deleted), then start over")
+    p.add_argument("--only", metavar="STAGES", type=lambda v: [x for x in v.split(",") if x],
+                   help="run only these of the config's stages now, comma-separated (e.g. generate,judge,report); "
+                   "the config's `stages` still say what the recipe is (with sft, DPO starts from the SFT export)")
     p.set_defaults(run=_run)
 
     p = sub.add_parser("sweep", help="one cache, many runs: train every run of a sweep file (score once)")
     sweep.add_sweep_args(p)  # SWEEP_FILE first: the overrides' nargs="*" would take it otherwise
     _add_config_args(p, base_dir=False)
     p.set_defaults(run=_sweep)
+
+    from dpo_dist.stages.generate import add_generate_args, run_generate_cli
+
+    p = sub.add_parser("generate", help="sample responses to held-out prompts from a model or checkpoint at several "
+                       "temperatures, on Ray actors (resumable shards of JSONL)")
+    add_generate_args(p)
+    p.set_defaults(run=run_generate_cli)
+
+    from dpo_dist.stages.judge import add_judge_args, run_judge_cli
+
+    p = sub.add_parser("judge", help="pairwise judgments of generated vs chosen responses (an OpenAI-compatible "
+                       "endpoint or a local reward model) and win rates with confidence intervals")
+    add_judge_args(p)
+    p.set_defaults(run=run_judge_cli)
 
     from dpo_dist.stages.evaluate import add_eval_args
 
@@ -151,7 +168,8 @@ def _sft(args) -> int:
 def _run(args) -> int:
     from dpo_dist.pipeline import run_pipeline
 
-    return run_pipeline(_load(args), args.config, args.overrides, overwrite=args.overwrite, base_dir=args.base_dir)
+    return run_pipeline(_load(args), args.config, args.overrides, overwrite=args.overwrite, base_dir=args.base_dir,
+                        only=args.only)
 
 
 def _sweep(args) -> int:

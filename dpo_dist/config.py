@@ -109,6 +109,8 @@ class TrainConfig:
     eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end).")
     save_steps: int = opt(0, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = opt(2, "Checkpoints to keep.")
+    sample_prompts: int = opt(4, "Eval prompts whose greedy responses go to TensorBoard (text tab, `samples`) at each eval; 0: none.")
+    sample_max_new_tokens: int = opt(48, "Max new tokens of those samples.")
     step0_tolerance: Optional[float] = opt(None, "Max |policy - cached reference| log-prob difference per token, for any pair, allowed at step 0; null: the bound of the dtypes in play (1e-4 float32 vs float32; see README for 16-bit).")
     num_procs: Optional[int] = opt(None, "Processes for `dpo-dist train`: default one per GPU, else 2 on CPU.")
 
@@ -374,6 +376,8 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
         ("train.warmup_steps", t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         ("train.max_steps", t.max_steps >= 0, "train.max_steps must be >= 0"),
         ("train.epochs", t.epochs > 0, "train.epochs must be > 0"),
+        ("train.sample_prompts", t.sample_prompts >= 0, "train.sample_prompts must be >= 0"),
+        ("train.sample_max_new_tokens", t.sample_max_new_tokens > 0, "train.sample_max_new_tokens must be > 0"),
         ("train.step0_tolerance", t.step0_tolerance is None or t.step0_tolerance > 0,
          "train.step0_tolerance must be > 0 (or null for the bound of the dtypes in play)"),
         ("score.shard_size", cfg.score.shard_size > 0, "score.shard_size must be > 0"),

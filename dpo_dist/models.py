@@ -3,6 +3,7 @@
     path = resolve_model_dir("EleutherAI/pythia-2.8b")       # local dir, or the hub id's cached snapshot
     tok = load_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
     model = load_causal_lm(path, dtype=torch.bfloat16, attn_implementation="sdpa")  # every dropout off
+    rm = load_sequence_classifier("models/rm", dtype=torch.float32)                # a reward model
 
 A model is a local directory or a hub id. Hub ids resolve through the local Hugging Face cache
 (HF_HOME / HF_HUB_CACHE): offline (HF_HUB_OFFLINE=1) from the cache alone, online downloading the
@@ -151,6 +152,24 @@ def load_causal_lm(path_or_id: str | Path, *, dtype, attn_implementation: str,
         model = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, **kwargs)
+    disable_dropout_modules(model)
+    model.name_or_path = model.config.name_or_path = str(path_or_id)
+    return model
+
+
+def load_sequence_classifier(path_or_id: str | Path, *, dtype, trust_remote_code: bool = False, **kwargs):
+    """`AutoModelForSequenceClassification.from_pretrained` of the resolved directory, dropout off.
+
+    For reward models (num_labels=1): the judge reads one score per sequence at its last non-pad token.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_dir(str(path_or_id), trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    disable_dropout(config)
+    with _custom_code_hint(path_or_id, path):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     disable_dropout_modules(model)
     model.name_or_path = model.config.name_or_path = str(path_or_id)
     return model

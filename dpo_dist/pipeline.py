@@ -136,19 +136,19 @@ def generation_models(cfg: Config) -> list[tuple[str, str, int | None]]:
     return out
 
 
-def run_after_training(cfg: Config) -> None:
+def run_after_training(cfg: Config, stages: list[str]) -> None:
     """generate, judge, report: whichever of them `stages` holds, in that order."""
     out = Path(cfg.output_dir)
-    if "generate" in cfg.stages:
+    if "generate" in stages:
         from dpo_dist.stages.generate import run_generate
 
         for label, model, step in generation_models(cfg):
             run_generate(cfg, model, label, out / "generations", checkpoint_step=step)
-    if "judge" in cfg.stages:
-        from dpo_dist.stages.judge import run_judge
+    if "judge" in stages:
+        from dpo_dist.stages.judge import format_table, run_judge
 
-        run_judge(cfg, out / "generations", out / "judge")
-    if "report" in cfg.stages:
+        print(format_table(run_judge(cfg, out / "generations", out / "judge")), flush=True)
+    if "report" in stages:
         from dpo_dist.stages.report import write_report
 
         path = write_report(out, sft_dir=cfg.sft_dir() if cfg.uses_sft() else None)
@@ -156,26 +156,33 @@ def run_after_training(cfg: Config) -> None:
 
 
 def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], overwrite: bool = False,
-                 base_dir: str | None = None) -> int:
+                 base_dir: str | None = None, only: list[str] | None = None) -> int:
+    """The config's stages (or `only` those of them) in order; see the module docstring."""
+    from dpo_dist.config import ConfigError
     from dpo_dist.launch import num_procs, run_torchrun
 
+    stages = cfg.stages if only is None else [s for s in cfg.stages if s in only]
+    extra = [s for s in only or [] if s not in cfg.stages]
+    if extra or not stages:
+        raise ConfigError(f"--only {','.join(only or [])}: give stages of the config's recipe ({', '.join(cfg.stages)}); "
+                          "add a stage to the recipe with stages=[...]")
     world = num_procs(cfg)[0]
     sft_pending = cfg.uses_sft() and not (cfg.sft_export_dir() / "config.json").is_file()
-    if not sft_pending:  # with the SFT export at hand, the DPO run folder is checked before any work
+    if not sft_pending and "train" in stages:  # with the SFT export at hand, the run folder is checked before any work
         note = check_run_folder(cfg, world, overwrite)
         if note:
             print(f"[dpo-dist] {note}", flush=True)
-    if cfg.uses_sft():
+    if "sft" in stages:
         code = run_sft(cfg, config_path, overrides, world, overwrite=overwrite, base_dir=base_dir)
         if code != 0:
             return code
-        if sft_pending:
+        if sft_pending and "train" in stages:
             note = check_run_folder(cfg, world, overwrite)
             if note:
                 print(f"[dpo-dist] {note}", flush=True)
-    if "score" in cfg.stages:
+    if "score" in stages:
         ensure_cache(cfg)
-    if "train" in cfg.stages:
+    if "train" in stages:
         code = run_torchrun(cfg, config_path, overrides, resume=True, base_dir=base_dir)
         if code == 2:  # the ranks refused the input; the error is printed
             return code
@@ -186,5 +193,5 @@ def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], ove
             print("[dpo-dist] training stopped early (signal) after saving a checkpoint; rerun the same command to resume")
             return 75  # EX_TEMPFAIL: not finished, resumable
         print(summary(cfg))
-    run_after_training(cfg)
+    run_after_training(cfg, stages)
     return 0

@@ -22,8 +22,8 @@ from typing import Iterator
 from dpo_dist.core import cache as cache_mod
 from dpo_dist.config import Config
 from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
-from dpo_dist.core.errors import UserError
 from dpo_dist.core.identity import CacheSpec, data_identity, expected_cache
+from dpo_dist.engines.ray_pool import ActorPool, init_ray
 
 
 @dataclass
@@ -32,7 +32,6 @@ class ShardTask:
     index: int
     pairs: list[Pair]
     ids_hash: str
-    attempts: int = 0
 
 
 @dataclass
@@ -174,22 +173,6 @@ def source_name(cfg: Config, split: str) -> str:
 
 # ----------------------------------------------------------------------------- driver
 
-def init_ray(num_cpus: int | None = None):
-    """Connect to RAY_ADDRESS (as `ray job submit` sets it), or start an embedded local cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only cluster
-        # address="local": without it ray.init joins the last `ray start` cluster of this machine (or
-        # hangs on a stale record of one) instead of starting the embedded cluster documented above.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    return ray
-
-
 def prepare_cache_dir(cache_dir: Path, spec: CacheSpec, shard_size: int, overwrite: bool) -> cache_mod.Manifest:
     """Reuse a cache of the same identity, whatever its shard size (it is completed with its own);
     refuse one built for other work, or, with `overwrite`, clear it."""
@@ -263,23 +246,16 @@ def _cluster_gpus_hint() -> int:
 
 
 def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult:
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     result = ScoreResult(cache_dir)
     reports = {s: DataReport() for s in cache_mod.SPLITS}
     done: dict[str, int] = {}
-    # Two slots per actor: its next shard is queued while the driver writes the last one.
-    idle = [actor for actor in (new_actor() for _ in range(n_actors)) for _ in range(2)]
-    replaced: dict = {}  # dead actor -> its replacement, which inherits both of its slots
-    in_flight: dict = {}
     writer = SummaryWriter(str(cache_dir / "tb"))
     progress = tqdm(total=estimate_rows(cfg), unit="pair", desc="scoring", dynamic_ncols=True)
+    pool = ActorPool(ray, new_actor, n_actors, max_retries=cfg.score.max_retries, say=progress.write)
     started = time.perf_counter()
-
-    def submit(actor, task: ShardTask) -> None:
-        in_flight[actor.score.remote(task)] = (actor, task)
 
     def record(task: ShardTask, out: dict) -> None:
         entry = cache_mod.write_shard(cache_dir / task.split / cache_mod.shard_name(task.index), out["rows"])
@@ -295,31 +271,8 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
         writer.add_scalar("score/pairs", result.pairs, result.scored_shards)
         progress.set_postfix(tok_s=f"{result.tokens / elapsed:,.0f}", shards=result.scored_shards)
 
-    def wait_one() -> None:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        actor, task = in_flight.pop(ready[0])
-        try:
-            out = ray.get(ready[0])
-        except RayTaskError as e:  # the actor lives; its shard has input it refuses (one line, no traceback)
-            if isinstance(e.cause, UserError):
-                raise type(e.cause)(f"{source_name(cfg, task.split)}: {e.cause}") from None
-            raise
-        except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
-            task.attempts += 1
-            if task.attempts > cfg.score.max_retries:
-                cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise RuntimeError(f"shard {task.split}/{task.index}: actor died {task.attempts} times; giving up ({cause})") from None
-            progress.write(f"actor died on shard {task.split}/{task.index}; replacing it and retrying (attempt {task.attempts + 1})")
-            if actor not in replaced:  # its other in-flight shard fails too: replace it once
-                ray.kill(actor, no_restart=True)
-                replaced[actor] = new_actor()
-            submit(replaced[actor], task)
-            return
-        record(task, out)
-        progress.update(len(task.pairs))
-        idle.append(actor)
-
-    try:
+    def to_score():
+        """The shards still to score; complete ones (same ids, same checksum) are counted and skipped."""
         for task in plan_shards(cfg, reports, done, manifest.shard_size):
             result.pairs += len(task.pairs)
             entry = manifest.splits[task.split]["shards"].get(str(task.index))
@@ -328,11 +281,13 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
                 result.skipped_shards += 1
                 progress.update(len(task.pairs))
                 continue
-            while not idle:
-                wait_one()
-            submit(idle.pop(), task)
-        while in_flight:
-            wait_one()
+            yield task
+
+    try:
+        for task, out in pool.run(to_score(), lambda actor, task: actor.score.remote(task),
+                                  name=lambda t: f"shard {t.split}/{t.index}", where=lambda t: source_name(cfg, t.split)):
+            record(task, out)
+            progress.update(len(task.pairs))
     finally:
         progress.close()
         writer.close()

@@ -206,7 +206,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 loss, _, n_all = sft_forward(engine, [data["train"][i] for i in micro], pad_id, dist.device)
                 engine.backward(loss)
                 engine.step()
-                loss_sum, tokens = loss_sum + float(loss) / t.gradient_accumulation_steps, tokens + n_all
+                loss_sum, tokens = loss_sum + float(loss.detach()) / t.gradient_accumulation_steps, tokens + n_all
             elapsed = time.perf_counter() - started
             metrics = all_reduce({"loss": loss_sum}, dist)
             metrics.update({"lr": lr, "grad_norm": engine.grad_norm(), "memory_gb": memory_gb(dist.device),

@@ -216,6 +216,34 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
     return {k: v / total["pairs"] for k, v in total.items() if k != "pairs"}
 
 
+# ----------------------------------------------------------------------------- samples
+
+def log_samples(run: "Run", step: int) -> None:
+    """Greedy responses of the policy to the first eval prompts, as a TensorBoard text table, so
+    users can read the model change. Every rank generates (ZeRO-3 gathers weights collectively)."""
+    from dpo_dist.core.sampling import generate_ids, stop_token_ids
+
+    n = min(run.cfg.train.sample_prompts, len(run.eval_split))
+    if n == 0:
+        return
+    prompts = [run.eval_split[i]["prompt_input_ids"] for i in range(n)]
+    module = run.engine.module
+    stop_ids = stop_token_ids(run.tokenizer, getattr(module.generation_config, "eos_token_id", None))
+    module.eval()
+    try:
+        completions = generate_ids(module, prompts, pad_id=run.pad_id, stop_ids=stop_ids,
+                                   max_new_tokens=run.cfg.train.sample_max_new_tokens, synced_gpus=run.dist.world_size > 1)
+    finally:
+        module.train()
+    if run.dist.is_main:
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ").strip() or " "
+
+        rows = [f"| {cell(run.tokenizer.decode(p, skip_special_tokens=True)[-300:])} | "
+                f"{cell(run.tokenizer.decode(c.ids, skip_special_tokens=True))} |" for p, c in zip(prompts, completions)]
+        run.writer.add_text("samples", "| prompt (end) | response (greedy) |\n|---|---|\n" + "\n".join(rows), step)
+
+
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
@@ -365,6 +393,7 @@ def run_steps(run: Run, stop: StopFlag) -> tuple[dict, int, bool]:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             if t.eval_steps and done % t.eval_steps == 0 and done != run.total_steps:
                 run.writer.add_scalars_dict("eval", evaluate(run.engine, run.eval_split, run.cfg, dist, run.pad_id), done)
+                log_samples(run, done)
             saved = (t.save_steps and done % t.save_steps == 0) or done == run.total_steps
             if saved:
                 save(run, done)
@@ -390,6 +419,7 @@ def finish(run: Run, metrics: dict) -> TrainResult:
     cfg, dist, t = run.cfg, run.dist, run.cfg.train
     eval_metrics = evaluate(run.engine, run.eval_split, cfg, dist, run.pad_id)
     run.writer.add_scalars_dict("eval", eval_metrics, run.total_steps)
+    log_samples(run, run.total_steps)
     export_dir = (export_model(run.engine, cfg.model, cfg.model.lora, run.prepared.policy_dir, cfg.export_dir(), run.tokenizer, dist)
                   if cfg.export.enabled else None)
     final = {"steps": run.total_steps, "world_size": dist.world_size, "local_param_fraction": run.local_fraction,

@@ -111,6 +111,16 @@ def test_tensorboard_has_every_tag(learned):
     missing = [t for t in TAGS if t not in s]
     assert not missing, missing
     assert sorted(s["train/loss"]) == list(range(1, 17))
+    # Greedy samples of fixed eval prompts at each eval (step 8) and at the end (step 16), as text.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(learned / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    samples = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("samples/text_summary")}
+    assert sorted(samples) == [8, 16], sorted(samples)
+    table = samples[16].splitlines()
+    assert table[0] == "| prompt (end) | response (greedy) |" and len(table) == 2 + 4
+    assert all("Human:" in row for row in table[2:]) and table[2:] != samples[8].splitlines()[2:]
 
 
 def test_export_loads_and_generates(learned):

@@ -19,9 +19,12 @@ def test_presets_exist():
 def test_preset_resolves(path):
     cfg = load_config(str(path))
     ds = load_ds_json(str(REPO / cfg.train.deepspeed_config))
-    world = {"demo": 2, "pythia28b_hh": 16}.get(path.stem, 8)  # demo: 2 CPU processes; pythia: sbatch's 2 x 8 GPUs
-    filled = fill_ds_config(ds, cfg.train, world_size=world, hidden_size=1024, has_gpu=path.stem != "demo")
-    assert filled["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world
+    # demo presets: 2 CPU processes; pythia: sbatch's 2 x 8 GPUs
+    world = {"demo": 2, "paper_demo": 2, "pythia28b_hh": 16, "pythia28b_hh_paper": 16}.get(path.stem, 8)
+    cpu = path.stem in ("demo", "paper_demo")
+    for train in [cfg.train] + ([cfg.sft_train()] if cfg.uses_sft() else []):
+        filled = fill_ds_config(ds, train, world_size=world, hidden_size=1024, has_gpu=not cpu)
+        assert filled["train_batch_size"] == train.micro_batch_size * train.gradient_accumulation_steps * world
     assert cfg.model.name_or_path and cfg.data.train
 
 
@@ -38,11 +41,16 @@ def test_recipe_values_are_as_documented():
     assert (lora.loss.beta, lora.train.lr, lora.data.max_prompt_length) == (0.2, 1e-5, 358)
     assert (lora.model.lora.r, lora.model.lora.alpha, lora.model.lora.dropout) == (16, 32, 0.1)
     assert (lora.train.micro_batch_size, lora.train.gradient_accumulation_steps) == (4, 4)
+    paper = load_config(str(REPO / "configs/pythia28b_hh_paper.yaml"))
+    assert paper.stages == ["sft", "score", "train", "generate", "judge", "report"]
+    assert paper.policy_model() == paper.ref_model() == str(paper.sft_export_dir())  # SFT is policy and reference
+    assert (paper.loss.beta, paper.train.lr, paper.train.global_batch_size) == (0.1, 1e-6, 64)
+    assert paper.generate.temperatures == [0.25, 0.5, 0.75, 1.0] and paper.model.name_or_path == "EleutherAI/pythia-2.8b"
     opt = load_config(str(REPO / "configs/opt350m_lora.yaml"))
     assert opt.model.lora.target_modules == ["q_proj", "v_proj"] and opt.train.epochs == 3 and opt.train.lr == 2e-5
 
 
-@pytest.mark.parametrize("path", [p for p in PRESETS if p.stem != "demo"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in PRESETS if "demo" not in p.stem], ids=lambda p: p.stem)
 def test_presets_name_hub_models_and_the_hub_dataset(path):
     """Hub ids (dots and all) are valid ids; the data is the hub dataset Anthropic/hh-rlhf; each
     preset names its own cache folder, outside its run folder, for sweeps to share."""
