@@ -65,9 +65,9 @@ def sft_complete(cfg: Config, world_size: int) -> bool:
     from dpo_dist.core import identity as ident
 
     out = cfg.sft_dir()
+    identity, _, _ = sft_identity_of(cfg, world_size)  # every input checked here, before torchrun starts
     if not ident.has_run(out):
         return False
-    identity, _, _ = sft_identity_of(cfg, world_size)
     ident.check_run(out, identity)
     final = out / FINAL
     return (final.is_file() and json.loads(final.read_text()).get("steps") == identity["sft.steps"]

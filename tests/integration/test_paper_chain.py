@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_train import run
+from test_train import REPO, run
 
 pytestmark = pytest.mark.integration
 DPO = [sys.executable, "-m", "dpo_dist.cli"]
@@ -29,7 +29,7 @@ def chain(tmp_path_factory):
         args = ["stages=[sft,score,train,generate,judge,report]", "model.name_or_path=model", "data.train=train.jsonl",
                 "data.eval=eval.jsonl", "data.max_length=128", "data.max_prompt_length=64", "output_dir=dpo",
                 "cache_dir=cache", "sft.output_dir=sft", "sft.max_steps=4", "sft.micro_batch_size=4", "sft.lr=3e-3",
-                "score.shard_size=64", "train.micro_batch_size=4", "train.max_steps=4", "train.save_steps=2",
+                "score.shard_size=64", f"train.deepspeed_config={REPO}/ds_configs/zero3_bf16.json", "train.micro_batch_size=4", "train.max_steps=4", "train.save_steps=2",
                 "train.eval_steps=2", "train.lr=1e-3", "train.num_procs=2", "generate.temperatures=[0.5,1.0]",
                 "generate.num_prompts=4", "generate.max_new_tokens=8", "generate.models=[base,sft,step-2,dpo]",
                 f"judge.base_url={server.url}", f"judge.api_key_env={KEY_ENV}", f"judge.cache_path={d / 'verdicts.sqlite'}"]
