@@ -142,7 +142,9 @@ def plan(config_path: str | None, base_overrides: list[str], sweep: Sweep) -> tu
     base = load_config(config_path, base_overrides)
     root = Path(sweep.output_dir or base.output_dir)
     cache = base.cache_dir or str(root / "cache")
-    base = load_config(config_path, [*base_overrides, f"output_dir={root}", f"cache_dir={cache}"])
+    # One cache and (with an SFT stage) one SFT run for every run of the sweep.
+    shared = [f"cache_dir={cache}", f"sft.output_dir={base.sft.output_dir or root / 'sft'}"]
+    base = load_config(config_path, [*base_overrides, f"output_dir={root}", *shared])
     runs = []
     for run in sweep.runs:
         for override in run.overrides:
@@ -155,7 +157,7 @@ def plan(config_path: str | None, base_overrides: list[str], sweep: Sweep) -> tu
                               + ("is the SFT export of that model; put it in the base config" if base.uses_sft()
                                  else "defaults to the policy; set model.ref_name_or_path in the base config"))
         try:
-            cfg = load_config(config_path, [*base_overrides, *run.overrides, f"output_dir={root / run.name}", f"cache_dir={cache}"])
+            cfg = load_config(config_path, [*base_overrides, *run.overrides, f"output_dir={root / run.name}", *shared])
         except ConfigError as e:
             raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r}: {e}") from None
         runs.append((run, cfg))
@@ -168,7 +170,12 @@ def task_overrides(config_path: str | None, base_overrides: list[str], sweep: Sw
     if not 0 <= index < len(runs):
         raise ConfigError(f"{sweep.path}: task {index} out of range: the sweep has {len(runs)} runs (0..{len(runs) - 1})")
     run, cfg = runs[index]
-    return [*base_overrides, *run.overrides, f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}"]
+    return [*base_overrides, *run.overrides, *shared_overrides(cfg)]
+
+
+def shared_overrides(cfg: Config) -> list[str]:
+    """The folders `plan` gives a run: its own output_dir, the sweep's cache and SFT run."""
+    return [f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}", f"sft.output_dir={cfg.sft_dir()}"]
 
 
 def results_table(runs: list[tuple[SweepRun, Config]]) -> str:
@@ -194,6 +201,12 @@ def run_sweep(config_path: str | None, base_overrides: list[str], sweep_path: st
     base, runs = plan(config_path, base_overrides, sweep)
     root = Path(base.output_dir)
     print(f"[dpo-dist] sweep {sweep.path}: {len(runs)} runs into {root}/<run>, one cache {base.resolved_cache_dir()}", flush=True)
+    if base.uses_sft():  # the SFT model is every run's reference and initial policy: first, once
+        from dpo_dist.pipeline import run_sft
+
+        code = run_sft(base, config_path, [*base_overrides, *shared_overrides(base)], num_procs(base)[0])
+        if code != 0:
+            return code
     for run, cfg in runs:  # every refusal before any work
         note = check_run_folder(cfg, num_procs(cfg)[0], overwrite)
         if note:
@@ -202,8 +215,7 @@ def run_sweep(config_path: str | None, base_overrides: list[str], sweep_path: st
     failed = []
     for i, (run, cfg) in enumerate(runs, 1):
         print(f"[dpo-dist] run {i}/{len(runs)} {run.name}: {' '.join(run.overrides)}", flush=True)
-        overrides = [*base_overrides, *run.overrides, f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}"]
-        code = run_torchrun(cfg, config_path, overrides, resume=True)
+        code = run_torchrun(cfg, config_path, [*base_overrides, *run.overrides, *shared_overrides(cfg)], resume=True)
         if code != 0:
             failed.append(run.name)
             print(f"[dpo-dist] run {run.name} failed (exit {code}); the others go on; rerun the sweep to resume it", flush=True)
@@ -297,6 +309,10 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
     print(f"[dpo-dist] sweep {sweep.path}: {len(runs)} runs into {root}/<run>, one cache {cache}", flush=True)
     print(f"[dpo-dist] each array task trains on {shape.nodes} node(s) x {shape.procs_per_node} process(es) = world "
           f"{shape.world_size} ({shape.source})", flush=True)
+    sft_pending = base.uses_sft() and not (base.sft_export_dir() / "config.json").is_file()
+    if sft_pending:
+        print(f"[dpo-dist] the SFT run {base.sft_dir()} comes first (in the scoring job); the run folders are checked "
+              "by each task", flush=True)
     for run, cfg in runs:  # every refusal before anything is submitted
         t = cfg.train
         got = t.micro_batch_size * t.gradient_accumulation_steps * shape.world_size
@@ -304,7 +320,7 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
             raise ConfigError(f"{sweep.path}:{run.line}: run {run.name!r}: train.global_batch_size={t.global_batch_size} but "
                               f"micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world "
                               f"{shape.world_size} = {got}: change the nodes (--sbatch-args), NPROC_PER_NODE or the overrides")
-        note = check_run_folder(cfg, shape.world_size, overwrite)
+        note = None if sft_pending else check_run_folder(cfg, shape.world_size, overwrite)
         if note:
             print(f"[dpo-dist] {run.name}: {note}", flush=True)
 
@@ -314,15 +330,16 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
     base_file = (slurm_dir / "base.overrides").resolve()
     base_file.write_text("".join(f"{o}\n" for o in base_overrides))
     common = shlex.split(sbatch_args)
-    if cache_ready(base, gpus=shape.gpus_per_node):
+    if not sft_pending and cache_ready(base, gpus=shape.gpus_per_node):
         score_job = None
         print(f"[dpo-dist] reference cache {cache} is complete and matches: no scoring job", flush=True)
     else:
         score_file = (slurm_dir / "score.overrides").resolve()
-        score_file.write_text("".join(f"{o}\n" for o in [*base_overrides, f"output_dir={root}", f"cache_dir={base.cache_dir}"]))
+        score_file.write_text("".join(f"{o}\n" for o in [*base_overrides, *shared_overrides(base)]))
+        stages = "sft,score" if base.uses_sft() else "score"
         score_job = _sbatch([*common, *shlex.split(score_sbatch_args), str(slurm_scripts / "dpo_hh.sbatch")],
-                            {**env, "CONFIG": config_path, "STAGES": "score", "OVERRIDES_FILE": str(score_file)})
-        print(f"[dpo-dist] scoring job {score_job}: slurm/dpo_hh.sbatch with STAGES=score", flush=True)
+                            {**env, "CONFIG": config_path, "STAGES": stages, "OVERRIDES_FILE": str(score_file)})
+        print(f"[dpo-dist] scoring job {score_job}: slurm/dpo_hh.sbatch with STAGES={stages}", flush=True)
     array_args = [*common, f"--array=0-{len(runs) - 1}", *([f"--dependency=afterok:{score_job}"] if score_job else [])]
     try:
         array_job = _sbatch([*array_args, str(slurm_scripts / "dpo_sweep.sbatch")],

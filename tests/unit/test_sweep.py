@@ -1,4 +1,6 @@
 """Sweep files: runs and grids, one-line errors with the line, nothing that would need another cache."""
+from pathlib import Path
+
 import pytest
 
 from dpo_dist.config import ConfigError
@@ -24,8 +26,10 @@ def test_runs_and_grid(tmp_path):
     assert [cfg.output_dir for _, cfg in runs] == [f"out/sweep/{r.name}" for r in sweep.runs]
     assert {cfg.cache_dir for _, cfg in runs} == {"out/sweep/cache"}
     assert runs[1][1].loss.loss_type == "ipo" and runs[3][1].train.lr == 5e-7
-    assert task_overrides(None, BASE, sweep, 1)[-4:] == ["loss.loss_type=ipo", "loss.beta=0.5",
-                                                         "output_dir=out/sweep/ipo", "cache_dir=out/sweep/cache"]
+    assert task_overrides(None, BASE, sweep, 1)[-5:] == ["loss.loss_type=ipo", "loss.beta=0.5", "output_dir=out/sweep/ipo",
+                                                         "cache_dir=out/sweep/cache", "sft.output_dir=out/sweep/sft"]
+    # One SFT run for the whole sweep (its export is every run's reference when the recipe has sft).
+    assert {cfg.sft_dir() for _, cfg in runs} == {base.sft_dir()} == {Path("out/sweep/sft")}
 
 
 @pytest.mark.parametrize("text, message", [
