@@ -41,8 +41,6 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
     also refuse a cache that is missing, incomplete or built for other work. The trainer's ranks
     check all of it again (they may be started by srun without this process)."""
     from dpo_dist.core import identity as ident
-    from dpo_dist.engines.deepspeed_engine import load_ds_json
-    from dpo_dist.models import resolve_model_dir
 
     out_dir = Path(cfg.output_dir)
     if check_cache:
@@ -52,10 +50,32 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
     if overwrite:
         aside = ident.set_aside(out_dir, keep=[cfg.resolved_cache_dir()], extra=[cfg.export_dir()])
         return f"moved the earlier run in {out_dir} aside to {aside}"
+    ident.check_run(out_dir, run_identity_of(cfg, world_size))
+    return None
+
+
+def run_identity_of(cfg: Config, world_size: int) -> dict:
+    """The run.json identity a training run of `cfg` on `world_size` processes records."""
+    from dpo_dist.core import identity as ident
+    from dpo_dist.engines.deepspeed_engine import load_ds_json
+    from dpo_dist.models import resolve_model_dir
+
     spec = ident.training_cache(cfg, local_gpus())
     policy = ident.model_identity(resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code))
-    ident.check_run(out_dir, ident.run_identity(cfg, spec.identity, policy, world_size, load_ds_json(cfg.train.deepspeed_config)))
-    return None
+    return ident.run_identity(cfg, spec.identity, policy, world_size, load_ds_json(cfg.train.deepspeed_config))
+
+
+def training_complete(cfg: Config, world_size: int) -> bool:
+    """True when output_dir holds this exact run, trained to its last step, metrics and export written."""
+    from dpo_dist.core import identity as ident
+
+    out = Path(cfg.output_dir)
+    final = out / "final_metrics.json"
+    if not final.is_file():
+        return False
+    identity = run_identity_of(cfg, world_size)
+    return (ident.read_run(out) == identity and json.loads(final.read_text()).get("steps") == identity["train.steps"]
+            and (not cfg.export.enabled or cfg.export_dir().exists()))
 
 
 def summary(cfg: Config) -> str:
@@ -182,7 +202,10 @@ def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], ove
                 print(f"[dpo-dist] {note}", flush=True)
     if "score" in stages:
         ensure_cache(cfg)
-    if "train" in stages:
+    if "train" in stages and training_complete(cfg, world):
+        print(f"[dpo-dist] training already complete ({Path(cfg.output_dir) / 'final_metrics.json'}): training skipped", flush=True)
+        print(summary(cfg))
+    elif "train" in stages:
         code = run_torchrun(cfg, config_path, overrides, resume=True, base_dir=base_dir)
         if code == 2:  # the ranks refused the input; the error is printed
             return code
