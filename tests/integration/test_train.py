@@ -213,17 +213,10 @@ def _fp32_ds_config(work: Path) -> Path:
     return path
 
 
-def test_step0_identity_stops_a_run_whose_cache_values_are_wrong(work):
-    """Same identity, but the cached reference values were altered: the step-0 check must stop it."""
-    _tampered_cache(work, "cache_bad", per_token=1.0)
-    proc = run(DPO + ["train", *base("run_bad", "cache_dir=cache_bad", "train.max_steps=2")], work, check=False)
-    assert proc.returncode == 2
-    assert "step-0 identity failed" in proc.stderr, proc.stderr[-2000:]
-
-
 def test_step0_identity_is_tight_in_float32_and_follows_weights_not_paths(work):
     """float32 policy vs float32 cache must agree to 1e-4 per token; the reference named `./model`
-    is the policy `model` (same weights), so the check applies: 0.01 nats per token is refused."""
+    is the policy `model` (same weights), so the check applies: a cache off by 0.01 nats per token
+    (well inside the 16-bit bound of 0.05) is refused."""
     ds = _fp32_ds_config(work)
     ok = run(DPO + ["train", *base("run_fp32", "train.max_steps=1", f"train.deepspeed_config={ds}",
                                      "export.enabled=false", "model.ref_name_or_path=./model")], work)
@@ -380,7 +373,9 @@ def test_sweep_trains_each_run_from_one_cache(work):
     assert bad.returncode == 2 and "bad_sweep.yaml:3: run 'longer': data.max_length=384 changes data" in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize("ds_config", ["zero2_bf16.json", "zero3_bf16_offload.json"])
+# zero3_bf16_offload.json differs from zero3_bf16.json only in its offload_* blocks, which a CPU
+# machine cannot exercise (the optimizer already lives on the CPU); it is checked by test_presets.
+@pytest.mark.parametrize("ds_config", ["zero2_bf16.json"])
 def test_other_shipped_deepspeed_configs_train(work, ds_config):
     out = f"run_{ds_config.split('.')[0]}"
     proc = run(DPO + ["train", *base(out, f"train.deepspeed_config={REPO}/ds_configs/{ds_config}",
