@@ -36,11 +36,12 @@ $(VENV)/.installed: setup.py
 	@touch $@
 
 # Two workers: most tests wait on subprocesses (Ray start-up, Slurm, torchrun imports), so two at
-# once fill 2 cores. Each test module runs whole on one worker (its fixtures are built once), the
-# Slurm tests all on one (one local cluster); see tests/conftest.py. PYTEST_WORKERS=0: one process.
+# once fill 2 cores. Each test file runs whole on one worker (its fixtures are built once); Slurm
+# test files on both workers share one local cluster (tests/integration/slurm/conftest.py).
+# PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -23,13 +23,3 @@ def hh_path() -> Path:
     if not path.exists():
         skip_or_fail(f"HH-RLHF test file not found at {path}; it lives in ../shared beside the checkout")
     return path
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) a test module runs whole on one worker,
-    so its module and session fixtures are built once there, and every Slurm test shares one worker
-    (one local Slurm cluster, fixed ports)."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            path = Path(str(item.fspath))
-            item.add_marker(pytest.mark.xdist_group("slurm" if "slurm" in path.parts else path.stem))

@@ -10,6 +10,9 @@ State dir: $DPO_SLURM_STATE_DIR or /tmp/dpo-dist-slurm. Run these tests in one p
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -118,9 +121,17 @@ def slurm_cluster():
     if r.returncode != 0:
         skip_or_fail(f"could not install Slurm: {r.stderr.strip()[-2000:]}")
 
-    was_running = _running(state_dir)
-    t0 = time.monotonic()
-    r = _sh("start", str(state_dir), timeout=120)
+    # `make test` runs test files on 2 pytest-xdist workers: Slurm test files on both share one
+    # cluster, counted in a users file under a lock; the last user stops what the first started.
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with _users(state_dir) as users:
+        if not _running(state_dir):  # we start it (a count left by a killed session is stale)
+            users.update(count=0, started=True)
+        elif users["count"] == 0:  # someone else's cluster: leave it running
+            users["started"] = False
+        users["count"] += 1
+        t0 = time.monotonic()
+        r = _sh("start", str(state_dir), timeout=120)
     if r.returncode != 0:
         _sh("stop", str(state_dir))
         pytest.fail(f"local Slurm cluster did not start:\n{r.stdout}\n{r.stderr}", pytrace=False)
@@ -133,8 +144,24 @@ def slurm_cluster():
     try:
         yield cluster
     finally:
-        if not was_running:
-            _sh("stop", str(state_dir))
+        with _users(state_dir) as users:
+            users["count"] -= 1
+            if users["count"] == 0 and users["started"]:
+                _sh("stop", str(state_dir))
+
+
+@contextlib.contextmanager
+def _users(state_dir: Path):
+    """The cluster's users record {count, started}, read and written under an exclusive lock."""
+    with open(state_dir / "users.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = state_dir / "users.json"
+        users = json.loads(path.read_text()) if path.is_file() else {"count": 0, "started": False}
+        try:
+            yield users
+        finally:
+            path.write_text(json.dumps(users))
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -85,8 +85,8 @@ def test_sweep_on_slurm_scores_once_then_trains_every_run_in_an_array(slurm_clus
         assert final["steps"] == MAX_STEPS and final["world_size"] == 1, final
         assert json.loads((run / "run.json").read_text())["identity"]["loss.beta"] == beta
         assert any((run / "tb").glob("events.out.tfevents.*")), list(run.rglob("*"))
-        assert (run / "slurm" / f"task-{array_job}_{task}.overrides").read_text().splitlines()[-2:] == [
-            f"output_dir={run}", f"cache_dir={work / 'sweep_cache'}"]
+        assert (run / "slurm" / f"task-{array_job}_{task}.overrides").read_text().splitlines()[-3:] == [
+            f"output_dir={run}", f"cache_dir={work / 'sweep_cache'}", f"sft.output_dir={root / 'sft'}"]
     # the array only read the cache
     after = (work / "sweep_cache" / "manifest.json").read_bytes()
     assert json.loads(after)["names"]["created"] == json.loads(manifest)["names"]["created"] and after == manifest
