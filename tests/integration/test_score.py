@@ -150,7 +150,7 @@ def test_values_equal_single_pair_forward_on_hh(ray_cluster, tiny_model, hh_path
     torch.set_num_threads(2)
     worst = 0.0
     with torch.inference_mode():
-        for r in rows:
+        for r in rows[::3]:  # a third of the 2,303 pairs (every value is checked on the synthetic set)
             for side in ("chosen", "rejected"):
                 expected = _reference_logps(model, r["prompt_input_ids"], r[f"{side}_input_ids"])
                 # The cache stores float32 sums of up to ~250 tokens (|sum| up to ~2e3, ulp ~1e-4):
