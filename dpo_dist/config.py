@@ -67,6 +67,8 @@ class ModelConfig:
     attn_implementation: str = opt("sdpa", "Attention implementation: eager, sdpa, flash_attention_2.")
     trust_remote_code: bool = opt(False, "Allow custom model code from the hub.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    layout: str = opt("shared", "How sequences fill a forward batch (scoring, SFT, DPO, eval); all give the same log-probs: shared (a pair's prompt computed once, chosen and rejected after it, rows packed), packed (whole sequences packed in rows, no padding), padded (one sequence per row).")
+    fused_head: bool = opt(True, "Apply the LM head to response tokens only, in chunks, without a [tokens x vocab] logits tensor (llama, mistral, qwen2/3, gpt_neox, gemma, phi3, olmo2, smollm3; others use the plain head).")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -237,6 +239,7 @@ VALID = {
     "generate.backend": ("hf", "vllm"),
     "judge.kind": ("openai", "reward_model"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "model.layout": ("shared", "packed", "padded"),
 }
 
 
@@ -407,6 +410,9 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
     stages = [x for x in cfg.stages if x not in STAGES]
     if stages or len(set(cfg.stages)) != len(cfg.stages):
         raise ConfigError(f"{origins.of('stages')}: stages must be distinct names among {', '.join(STAGES)}; got {cfg.stages!r}")
+    if cfg.model.layout == "shared" and cfg.model.attn_implementation == "flash_attention_2":
+        raise ConfigError(f"{origins.of('model.layout')}: model.layout=shared needs a 4D attention mask, which "
+                          "flash_attention_2 does not take; set model.layout=packed (flash attention's variable-length path)")
     if cfg.uses_sft() and cfg.model.ref_name_or_path:
         raise ConfigError(f"{origins.of('model.ref_name_or_path')}: model.ref_name_or_path is set while stages holds sft, "
                           "whose export is the reference; drop one of them")

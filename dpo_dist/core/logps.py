@@ -5,6 +5,7 @@ masking, same dtype rule (float32 arithmetic whatever the logits dtype).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -87,3 +88,138 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     """One forward of a padded batch (sequence_batch or concat_batch): (logps_sum, num_tokens), each (N,)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (2B, T, V)
     return sequence_logps(logits, batch["labels"])
+
+
+# ----------------------------------------------------------------------------- layouts and the fused head
+
+# Model types whose causal-LM forward returns `lm_head(hidden)` unchanged (no soft-capping or
+# scaling after the head): for these the head can be replaced by `HeadTokenLogps` (checked by
+# tests/unit/test_packing.py against the plain path for each).
+FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma", "phi3", "olmo2", "smollm3"})
+
+
+class HeadTokenLogps(torch.autograd.Function):
+    """log p(target | hidden) = logits[target] - logsumexp(logits), logits = hidden @ weight.T (+ bias),
+    over chunks of tokens so that no [tokens x vocab] tensor outlives its chunk; backward recomputes
+    each chunk's logits. The matmul runs in the model's dtype (as nn.Linear would), the log-softmax
+    and the returned values in float32 (float64 for float64 models).
+
+    hidden: (N, D); weight: (V, D); bias: (V,) or None; targets: (N,) int64. Returns (N,).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=compute, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = torch.nn.functional.linear(hidden[s:s + chunk_size], weight, bias).to(compute)  # (C, V)
+            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - lse[s:s + chunk_size]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        compute = lse.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=compute, device=weight.device) if need_b and bias is not None else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            h, g = hidden[s:s + ctx.chunk_size], grad_out[s:s + ctx.chunk_size].to(compute)
+            logits = torch.nn.functional.linear(h, weight, bias).to(compute)
+            d = torch.exp(logits - lse[s:s + ctx.chunk_size, None]).mul_(-g[:, None])  # -g * softmax
+            d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g[:, None])  # + g at the target
+            if grad_b is not None:
+                grad_b += d.sum(0)
+            d = d.to(hidden.dtype)
+            if need_h:
+                grad_h[s:s + ctx.chunk_size] = d @ weight
+            if need_w:
+                grad_w += (d.t() @ h).to(compute)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None)
+
+
+def _hf_model(model):
+    """The Hugging Face model behind a DeepSpeed engine (ours or DeepSpeed's) or a PEFT wrapper."""
+    inner = getattr(model, "module", model)
+    return inner
+
+
+def fused_head(model):
+    """The output projection to replace by HeadTokenLogps, or None when the plain path must run
+    (an unlisted architecture, a LoRA-wrapped or non-Linear head)."""
+    inner = _hf_model(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+def model_dtype(model) -> torch.dtype:
+    inner = _hf_model(model)
+    emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if emb is not None:
+        return emb.weight.dtype
+    return next(p.dtype for p in inner.parameters() if p.is_floating_point())
+
+
+@contextmanager
+def _head_replaced(head, forward):
+    head.forward = forward  # an instance attribute: nn.Module.__call__ (and ZeRO-3's hooks around it) run it
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def token_logps_plain(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """log-softmax of (N, V) logits at targets (N,), in float32 chunks."""
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    parts = []
+    for s in range(0, logits.shape[0], chunk_size):
+        part = logits[s:s + chunk_size].to(compute)
+        parts.append(part.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - torch.logsumexp(part, dim=-1))
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=compute)
+
+
+def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts of each sequence of a `core.packing` batch: ((S,), (S,)).
+
+    fused: apply the LM head through HeadTokenLogps to the target positions only (no logits tensor),
+    where the architecture allows (`fused_head`); else the model's logits, gathered at the targets.
+    Accepts a Hugging Face model, a PEFT model or a DeepSpeed engine (anything called with model kwargs).
+    """
+    attention = batch["attention_mask"]
+    if attention is not None and attention.dim() == 4:  # bool "may attend" -> additive, in the model's dtype
+        dtype = model_dtype(model)
+        attention = torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill_(
+            ~attention, torch.finfo(dtype).min)
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": attention,
+              "use_cache": False}
+    target_pos, target_ids = batch["target_pos"], batch["target_ids"]
+    head = fused_head(model) if fused else None
+    if head is not None:
+        def forward(hidden):  # (R, W, D) -> (N,) log-probs of the targets
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_pos)
+            return HeadTokenLogps.apply(picked, head.weight, head.bias, target_ids, chunk_size)
+
+        with _head_replaced(head, forward):
+            tokens = model(**kwargs).logits
+    else:
+        logits = model(**kwargs).logits
+        tokens = token_logps_plain(logits.reshape(-1, logits.shape[-1]).index_select(0, target_pos), target_ids)
+    num = batch["num_seqs"]
+    sums = torch.zeros(num, dtype=tokens.dtype, device=tokens.device).index_add(0, batch["target_seq"], tokens)
+    counts = torch.bincount(batch["target_seq"], minlength=num)
+    return sums, counts
+
+
+def to_device(batch: dict, device) -> dict:
+    """A packing batch with its tensors on `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -66,7 +66,8 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     from tqdm import tqdm
 
     from dpo_dist.core.identity import training_cache
-    from dpo_dist.core.logps import concat_batch, concatenated_forward, split_chosen_rejected
+    from dpo_dist.core.logps import layout_logps, split_chosen_rejected, to_device
+    from dpo_dist.core.packing import pairs_layout
     from dpo_dist.core.loss import preference_loss
 
     if (model is None) == (checkpoint is None):
@@ -89,8 +90,8 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     with torch.no_grad():
         for start in tqdm(range(0, len(split), batch_size), desc="eval", unit="batch", mininterval=5):
             rows = [split[i] for i in range(start, min(start + batch_size, len(split)))]
-            batch = {k: v.to(device) for k, v in concat_batch(rows, pad_id).items()}
-            logps, counts = concatenated_forward(net, batch)
+            batch = to_device(pairs_layout(rows, cfg.model.layout, pad_id), device)
+            logps, counts = layout_logps(net, batch, fused=cfg.model.fused_head)
             chosen, rejected = split_chosen_rejected(logps.float())
             n_chosen, n_rejected = split_chosen_rejected(counts)
             losses, rc, rr = preference_loss(

@@ -95,7 +95,7 @@ class RefScorer:
 
     def __init__(self, model_path: str, tokenizer_path: str, dtype: str, attn_implementation: str,
                  trust_remote_code: bool, threads: int, max_length: int, max_prompt_length: int,
-                 truncation_mode: str, token_budget: int, device: str):
+                 truncation_mode: str, token_budget: int, device: str, layout: str = "shared", fused_head: bool = True):
         from dpo_dist.quiet import silence_known_noise
 
         silence_known_noise()
@@ -114,37 +114,51 @@ class RefScorer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.tok_args = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
         self.token_budget = token_budget
+        self.layout, self.fused_head = layout, fused_head
 
     def pid(self) -> int:
         return os.getpid()
 
     def score(self, task: ShardTask) -> dict:
-        """Tokenize, batch sequences by length, forward; rows in source order plus shard statistics.
+        """Tokenize, batch by length, forward; rows in source order plus shard statistics.
 
-        Each pair gives two sequences, prompt + chosen and prompt + rejected, batched by their own
-        lengths rather than as a [chosen; rejected] pair: a pair padded to its longer side caps
-        padding efficiency at 0.89 on HH-RLHF, sequences alone reach 0.93 (bench/bench_score.py).
+        Layout "shared" (the default): a pair is one item [prompt; chosen; rejected], its prompt
+        computed once. Otherwise each pair gives two sequences, batched by their own lengths rather
+        than as a [chosen; rejected] pair: a pair padded to its longer side caps padding efficiency
+        at 0.89 on HH-RLHF, sequences alone reach 0.93 (bench/bench_score.py).
         """
         import torch
 
         from dpo_dist.core.batching import length_batches
-        from dpo_dist.core.logps import concatenated_forward, sequence_batch
+        from dpo_dist.core.logps import layout_logps, to_device
+        from dpo_dist.core.packing import pairs_layout, sequences_layout
         from dpo_dist.core.tokenize import TokenizeReport
 
         report = TokenizeReport()
         tokenized = [tokenize_row(self.tokenizer, p, report, self.tok_args) for p in task.pairs]
         # Sequence 2i is pair i's prompt + chosen, 2i + 1 its prompt + rejected.
-        sequences = [(t.prompt_input_ids, r) for t in tokenized for r in (t.chosen_input_ids, t.rejected_input_ids)]
-        logps, counts = [0.0] * len(sequences), [0] * len(sequences)
+        logps, counts = [0.0] * (2 * len(tokenized)), [0] * (2 * len(tokenized))
         real = padded = 0
         start = time.perf_counter()
+        if self.layout == "shared":  # a pair is one item: [prompt; chosen; rejected]
+            items = [{"prompt_input_ids": t.prompt_input_ids, "chosen_input_ids": t.chosen_input_ids,
+                      "rejected_input_ids": t.rejected_input_ids} for t in tokenized]
+            lengths = [len(t.prompt_input_ids) + len(t.chosen_input_ids) + len(t.rejected_input_ids) for t in tokenized]
+        else:  # each sequence is an item
+            items = [(t.prompt_input_ids, r) for t in tokenized for r in (t.chosen_input_ids, t.rejected_input_ids)]
+            lengths = [len(p) + len(r) for p, r in items]
         with torch.inference_mode():
-            for batch_ids in length_batches([len(p) + len(r) for p, r in sequences], self.token_budget, rows_per_item=1):
-                batch = {k: v.to(self.device) for k, v in sequence_batch([sequences[i] for i in batch_ids], self.pad_id).items()}
-                batch_logps, batch_counts = concatenated_forward(self.model, batch)  # (B,), (B,)
-                real += int(batch["attention_mask"].sum())
-                padded += batch["attention_mask"].numel()
-                for j, i in enumerate(batch_ids):
+            for batch_ids in length_batches(lengths, self.token_budget, rows_per_item=1):
+                chunk = [items[i] for i in batch_ids]
+                if self.layout == "shared":  # out: chosen of each pair, then rejected of each
+                    batch = pairs_layout(chunk, "shared", self.pad_id)
+                    where = [2 * i for i in batch_ids] + [2 * i + 1 for i in batch_ids]
+                else:
+                    batch, where = sequences_layout(chunk, self.layout, self.pad_id), batch_ids
+                batch_logps, batch_counts = layout_logps(self.model, to_device(batch, self.device), fused=self.fused_head)
+                real += batch["tokens"]
+                padded += batch["input_ids"].numel()
+                for j, i in enumerate(where):
                     logps[i], counts[i] = float(batch_logps[j]), int(batch_counts[j])
         rows = [{"id": t.id, "row": task.pairs[i].row, "prompt_input_ids": t.prompt_input_ids,
                  "chosen_input_ids": t.chosen_input_ids, "rejected_input_ids": t.rejected_input_ids,
@@ -215,7 +229,7 @@ def run_scoring(cfg: Config) -> ScoreResult:
     actor_args = (str(spec.ref_dir), str(spec.tokenizer_dir), spec.identity["reference.dtype"],
                   cfg.model.attn_implementation, cfg.model.trust_remote_code, cfg.score.threads_per_actor,
                   cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation_mode,
-                  cfg.score.token_budget, "cuda" if gpus else "cpu")
+                  cfg.score.token_budget, "cuda" if gpus else "cpu", cfg.model.layout, cfg.model.fused_head)
     return _dispatch(cfg, manifest, cache_dir, lambda: actor_cls.remote(*actor_args), n_actors, ray)
 
 

@@ -116,17 +116,18 @@ def sft_sequences(cfg: Config, tokenizer) -> dict[str, list[tuple[list[int], lis
     return out
 
 
-def sft_forward(engine, sequences: list, pad_id: int, device: str):
-    """(loss, response tokens, all tokens) of one micro-batch."""
-    from dpo_dist.core.logps import concatenated_forward, sequence_batch
+def sft_forward(engine, sequences: list, pad_id: int, device: str, model_cfg):
+    """(loss, response tokens, all tokens) of one micro-batch, in model_cfg's layout (sequences: shared = packed)."""
+    from dpo_dist.core.logps import layout_logps, to_device
     from dpo_dist.core.loss import sft_loss
+    from dpo_dist.core.packing import sequences_layout
 
-    batch = {k: v.to(device) for k, v in sequence_batch(sequences, pad_id).items()}
-    logps, counts = concatenated_forward(engine, batch)  # (B,), (B,)
-    return sft_loss(logps, counts), int(counts.sum()), int(batch["attention_mask"].sum())
+    batch = sequences_layout(sequences, model_cfg.layout, pad_id)
+    logps, counts = layout_logps(engine, to_device(batch, device), fused=model_cfg.fused_head)  # (B,), (B,)
+    return sft_loss(logps, counts), int(counts.sum()), batch["tokens"]
 
 
-def evaluate(engine, sequences: list, micro: int, dist: Dist, pad_id: int) -> dict[str, float]:
+def evaluate(engine, sequences: list, micro: int, dist: Dist, pad_id: int, model_cfg) -> dict[str, float]:
     """Token-weighted NLL over the eval split; every rank runs the same number of forwards (ZeRO-3)."""
     import torch
 
@@ -137,7 +138,7 @@ def evaluate(engine, sequences: list, micro: int, dist: Dist, pad_id: int) -> di
     engine.eval()
     with torch.no_grad():
         for i in rank_rounds(len(batches), dist):
-            loss, n, _ = sft_forward(engine, batches[i or 0], pad_id, dist.device)
+            loss, n, _ = sft_forward(engine, batches[i or 0], pad_id, dist.device, model_cfg)
             if i is not None:
                 nll, tokens = nll + float(loss) * n, tokens + n
     engine.train()
@@ -203,7 +204,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 epoch_plan = {epoch: plan.epoch_micro_batches(epoch, lengths)}
             started, lr, loss_sum, tokens = time.perf_counter(), engine.lr(), 0.0, 0
             for micro in plan.rank_step(epoch_plan[epoch], in_epoch, dist.rank):
-                loss, _, n_all = sft_forward(engine, [data["train"][i] for i in micro], pad_id, dist.device)
+                loss, _, n_all = sft_forward(engine, [data["train"][i] for i in micro], pad_id, dist.device, cfg.model)
                 engine.backward(loss)
                 engine.step()
                 loss_sum, tokens = loss_sum + float(loss.detach()) / t.gradient_accumulation_steps, tokens + n_all
@@ -217,7 +218,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             if t.eval_steps and done % t.eval_steps == 0 and done != total:
-                writer.add_scalars_dict("sft", evaluate(engine, data["eval"], t.micro_batch_size, dist, pad_id), done)
+                writer.add_scalars_dict("sft", evaluate(engine, data["eval"], t.micro_batch_size, dist, pad_id, cfg.model), done)
             saved = (t.save_steps and done % t.save_steps == 0) or done == total
             if saved:
                 _save(engine, out, done, plan, dist, t.keep_last)
@@ -233,7 +234,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 writer.close()
                 return {"stopped_early": True, "steps": done}
         progress.close()
-        eval_metrics = evaluate(engine, data["eval"], t.micro_batch_size, dist, pad_id)
+        eval_metrics = evaluate(engine, data["eval"], t.micro_batch_size, dist, pad_id, cfg.model)
         writer.add_scalars_dict("sft", eval_metrics, total)
         export = export_model(engine, cfg.model, cfg.sft.lora, prep.base_dir, cfg.sft_export_dir(), tokenizer, dist,
                               merged_at_top=True)

@@ -113,23 +113,25 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
 
 # ----------------------------------------------------------------------------- batches
 
-def collate(rows: list[dict], pad_id: int, device: str) -> dict:
+def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared") -> dict:
+    """The micro-batch's pairs in `layout` (core.packing) with their cached reference values."""
     import torch
 
-    from dpo_dist.core.logps import concat_batch
+    from dpo_dist.core.logps import to_device
+    from dpo_dist.core.packing import pairs_layout
 
-    batch = {k: v.to(device) for k, v in concat_batch(rows, pad_id).items()}
+    batch = to_device(pairs_layout(rows, layout, pad_id), device)
     batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32, device=device)
     batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32, device=device)
     return batch
 
 
 def dpo_forward(engine, batch: dict, cfg: Config) -> dict:
-    """Policy log-probs of the concatenated batch, the loss and its per-example pieces."""
-    from dpo_dist.core.logps import concatenated_forward, split_chosen_rejected
+    """Policy log-probs of the pairs (chosen then rejected), the loss and its per-example pieces."""
+    from dpo_dist.core.logps import layout_logps, split_chosen_rejected
     from dpo_dist.core.loss import preference_loss
 
-    logps, counts = concatenated_forward(engine, batch)  # (2B,), (2B,)
+    logps, counts = layout_logps(engine, batch, fused=cfg.model.fused_head)  # (2B,), (2B,)
     chosen, rejected = split_chosen_rejected(logps)
     n_chosen, n_rejected = split_chosen_rejected(counts)
     losses, r_chosen, r_rejected = preference_loss(
@@ -203,7 +205,7 @@ def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_
     engine.eval()
     with torch.no_grad():
         for i in rank_rounds(len(batches), dist):
-            batch = collate([split[j] for j in batches[i or 0]], pad_id, dist.device)
+            batch = collate([split[j] for j in batches[i or 0]], pad_id, dist.device, cfg.model.layout)
             out = dpo_forward(engine, batch, cfg)
             if i is None:
                 continue  # a padding forward so that every rank joins ZeRO-3's gathers
@@ -266,6 +268,8 @@ class Run:
     n_trainable: int
     policy_dtype: str
     local_fraction: float = 1.0  # share of the weights this rank holds (about 1/world under ZeRO-3)
+    step_seconds: float = 0.0  # time in optimizer steps (forward, backward, step) of this process's loop
+    step_tokens: int = 0  # real tokens of those steps, all ranks
 
     @property
     def out_dir(self) -> Path:
@@ -338,7 +342,7 @@ def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, f
     sums: dict[str, float] = {}
     tokens = 0
     for micro in micro_batches:
-        batch = collate([run.train_split[i] for i in micro], run.pad_id, dist.device)
+        batch = collate([run.train_split[i] for i in micro], run.pad_id, dist.device, cfg.model.layout)
         out = dpo_forward(engine, batch, cfg)
         if step == 0 and not sums:
             tolerance = step0_tolerance(cfg, run.policy_dtype, run.prepared.cache_dtype)
@@ -347,10 +351,12 @@ def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, f
         engine.step()
         for key, value in batch_metrics(out).items():
             sums[key] = sums.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch["tokens"]
     elapsed = time.perf_counter() - started
     metrics = all_reduce(sums, dist)
     total_tokens = all_reduce({"tokens": tokens}, dist, op="sum")["tokens"]
+    run.step_seconds += elapsed
+    run.step_tokens += int(total_tokens)
     metrics.update({"lr": lr, "grad_norm": engine.grad_norm(), "tokens_per_sec": total_tokens / elapsed,
                     "pairs_per_sec": run.plan.global_batch / elapsed, "memory_gb": memory_gb(dist.device)})
     utilisation = mfu(run.n_params, run.n_trainable, total_tokens / elapsed / dist.world_size, peak_tflops(dist.device))
@@ -422,7 +428,11 @@ def finish(run: Run, metrics: dict) -> TrainResult:
     log_samples(run, run.total_steps)
     export_dir = (export_model(run.engine, cfg.model, cfg.model.lora, run.prepared.policy_dir, cfg.export_dir(), run.tokenizer, dist)
                   if cfg.export.enabled else None)
+    timing = {"seconds": run.step_seconds, "steps": run.total_steps - run.start_step, "tokens": run.step_tokens,
+              "pairs_per_sec": (run.total_steps - run.start_step) * run.plan.global_batch / max(run.step_seconds, 1e-9),
+              "tokens_per_sec": run.step_tokens / max(run.step_seconds, 1e-9)}
     final = {"steps": run.total_steps, "world_size": dist.world_size, "local_param_fraction": run.local_fraction,
+             "step_time": timing,  # this invocation's steps only (a resumed run counts from its resume point)
              "train": metrics, "eval": eval_metrics, "export_dir": str(export_dir) if export_dir else None}
     if dist.is_main:
         run.writer.add_hparams(flatten({"loss": cfg.loss.__dict__, "train": {

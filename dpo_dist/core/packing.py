@@ -1,0 +1,152 @@
+"""Layouts of sequences in a forward batch: padded rows, packed rows, shared-prompt rows.
+
+A layout turns (prompt, response) sequences, or (prompt, chosen, rejected) pairs, into model inputs
+plus explicit *targets*: for every response token, the flat index (row * width + column) of the
+position whose logits predict it, the token id, and the index of the sequence it belongs to. The
+log-prob code (`core.logps.layout_logps`) reads only the targets, so every layout gives the same
+numbers (up to float summation order); only the work spent on padding and on prompts differs.
+
+- ``padded``: one sequence per row, right-padded to the longest (what Hugging Face trainers do).
+- ``packed``: several whole sequences per row, position ids restarting at 0 for each; no 2D
+  attention mask, so transformers builds a block-causal mask from the position ids (SDPA, eager)
+  or runs flash attention's variable-length path. Rows are filled first-fit-decreasing up to the
+  longest sequence's length, so attention never spans more than one sequence's width.
+- ``shared``: prompt, chosen and rejected of a pair in one segment [prompt; chosen; rejected]; the
+  rejected tokens see the prompt but not the chosen ones, and their position ids continue from the
+  prompt, so the prompt is computed once per pair. Needs a 4D mask (SDPA or eager attention).
+
+Sequence order in the outputs: for pairs, chosen of pair i is sequence i and its rejected is
+sequence B + i, as in the concatenated [chosen; rejected] batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+LAYOUTS = ("padded", "packed", "shared")
+
+
+@dataclass
+class Segment:
+    """Tokens placed together in a row: ids, their position ids, and the targets they carry."""
+
+    ids: list[int]
+    positions: list[int]
+    targets: list[tuple[int, int, int]]  # (index in segment of the predicting position, target id, sequence)
+    hidden: list[tuple[int, int, int, int]] = field(default_factory=list)  # (q_lo, q_hi, k_lo, k_hi) never attended
+
+
+def sequence_segment(prompt: Sequence[int], response: Sequence[int], seq: int) -> Segment:
+    """prompt + response; response token k is predicted from the position before it."""
+    ids = list(prompt) + list(response)
+    p = len(prompt)
+    targets = [(p + k - 1, int(t), seq) for k, t in enumerate(response) if p + k >= 1]
+    return Segment(ids, list(range(len(ids))), targets)
+
+
+def pair_segment(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], chosen_seq: int,
+                 rejected_seq: int) -> Segment:
+    """[prompt; chosen; rejected] with the rejected part positioned and predicted as if it followed the prompt."""
+    p, c = len(prompt), len(chosen)
+    ids = list(prompt) + list(chosen) + list(rejected)
+    positions = list(range(p + c)) + list(range(p, p + len(rejected)))
+    targets = [(p + k - 1, int(t), chosen_seq) for k, t in enumerate(chosen) if p + k >= 1]
+    # rejected token k sits at p + c + k; it follows prompt[-1] (k = 0) or rejected[k - 1]
+    targets += [((p - 1) if k == 0 else (p + c + k - 1), int(t), rejected_seq)
+                for k, t in enumerate(rejected) if p + k >= 1]
+    hidden = [(p + c, p + c + len(rejected), p, p + c)] if c and rejected else []
+    return Segment(ids, positions, targets, hidden)
+
+
+def _rows(segments: list[Segment], one_per_row: bool, capacity: int | None) -> list[list[int]]:
+    """Segment indices per row: one each, or first-fit decreasing into rows of `capacity` tokens."""
+    if one_per_row:
+        return [[i] for i in range(len(segments))]
+    cap = max([capacity or 0] + [len(s.ids) for s in segments])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(segments)), key=lambda j: -len(segments[j].ids)):
+        n = len(segments[i].ids)
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(cap - n)
+    return rows
+
+
+def assemble(segments: list[Segment], num_seqs: int, layout: str, pad_token_id: int,
+             capacity: int | None = None, pad_to_multiple_of: int | None = None) -> dict:
+    """Model inputs and targets for `segments` laid out as `layout` (see the module docstring).
+
+    Returns a dict of tensors: input_ids, position_ids (R, W) int64; attention_mask: (R, W) for
+    ``padded``, None for ``packed``, (R, 1, W, W) bool (True = may attend) for ``shared``;
+    target_pos, target_ids, target_seq (N,) int64; plus num_seqs (int), layout (str) and tokens (int:
+    the real tokens, without padding, which is what tokens/s counts).
+    """
+    import torch
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    rows = _rows(segments, one_per_row=layout == "padded", capacity=capacity)
+    width = max((sum(len(segments[i].ids) for i in row) for row in rows), default=1)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    attn2d = torch.zeros((len(rows), width), dtype=torch.long)
+    mask4d = torch.zeros((len(rows), 1, width, width), dtype=torch.bool) if layout == "shared" else None
+    target_pos: list[int] = []
+    target_ids: list[int] = []
+    target_seq: list[int] = []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            s = segments[i]
+            n = len(s.ids)
+            ids[r, at:at + n] = torch.tensor(s.ids, dtype=torch.long)
+            pos[r, at:at + n] = torch.tensor(s.positions, dtype=torch.long)
+            attn2d[r, at:at + n] = 1
+            if mask4d is not None:
+                mask4d[r, 0, at:at + n, at:at + n] = torch.ones((n, n), dtype=torch.bool).tril()
+                for q_lo, q_hi, k_lo, k_hi in s.hidden:
+                    mask4d[r, 0, at + q_lo:at + q_hi, at + k_lo:at + k_hi] = False
+            for where, token, seq in s.targets:
+                target_pos.append(r * width + at + where)
+                target_ids.append(token)
+                target_seq.append(seq)
+            at += n
+        if at < width:  # the tail: a causal block of its own (no query row is fully masked), positions from 0
+            pos[r, at:] = torch.arange(width - at)
+            if mask4d is not None:
+                mask4d[r, 0, at:, at:] = torch.ones((width - at, width - at), dtype=torch.bool).tril()
+    return {"input_ids": ids, "position_ids": pos,
+            "attention_mask": attn2d if layout == "padded" else mask4d,
+            "target_pos": torch.tensor(target_pos, dtype=torch.long),
+            "target_ids": torch.tensor(target_ids, dtype=torch.long),
+            "target_seq": torch.tensor(target_seq, dtype=torch.long),
+            "num_seqs": num_seqs, "layout": layout, "tokens": sum(len(s.ids) for s in segments)}
+
+
+def sequences_layout(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], layout: str, pad_token_id: int,
+                     capacity: int | None = None, pad_to_multiple_of: int | None = None) -> dict:
+    """(prompt, response) sequences, sequence i = sequences[i]. ``shared`` has no meaning here: packed is used."""
+    segments = [sequence_segment(p, r, i) for i, (p, r) in enumerate(sequences)]
+    return assemble(segments, len(segments), "packed" if layout == "shared" else layout, pad_token_id,
+                    capacity, pad_to_multiple_of)
+
+
+def pairs_layout(examples: Sequence[dict], layout: str, pad_token_id: int, capacity: int | None = None,
+                 pad_to_multiple_of: int | None = None) -> dict:
+    """Cache rows (prompt_input_ids, chosen_input_ids, rejected_input_ids): chosen of pair i is
+    sequence i, its rejected is sequence B + i."""
+    b = len(examples)
+    if layout == "shared":
+        segments = [pair_segment(ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"], i, b + i)
+                    for i, ex in enumerate(examples)]
+        return assemble(segments, 2 * b, layout, pad_token_id, capacity, pad_to_multiple_of)
+    sequences = [(ex["prompt_input_ids"], ex[key]) for key in ("chosen_input_ids", "rejected_input_ids") for ex in examples]
+    return sequences_layout(sequences, layout, pad_token_id, capacity, pad_to_multiple_of)
