@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_train import REPO, run
+from test_train import REPO, run, write_inputs
 
 pytestmark = pytest.mark.integration
 DPO = [sys.executable, "-m", "dpo_dist.cli"]
@@ -21,9 +21,7 @@ def chain(tmp_path_factory):
     from dpo_dist.fixtures.judge_server import JudgeServer
 
     d = tmp_path_factory.mktemp("chain")
-    run(DPO + ["tiny-model", "model", "--seed", "0"], d)
-    run(DPO + ["synthetic", "train.jsonl", "--n", "128", "--seed", "1"], d)
-    run(DPO + ["synthetic", "eval.jsonl", "--n", "32", "--seed", "2", "--split", "eval"], d)
+    write_inputs(d, 128, 32)
     key = secrets.token_hex(8)
     with JudgeServer(api_key=key) as server:
         args = ["stages=[sft,score,train,generate,judge,report]", "model.name_or_path=model", "data.train=train.jsonl",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train import REPO, assert_same_weights, run, scalars, weights
+from test_train import REPO, assert_same_weights, run, scalars, weights, write_inputs
 
 pytestmark = pytest.mark.integration
 DPO = [sys.executable, "-m", "dpo_dist.cli"]
@@ -21,9 +21,7 @@ DPO = [sys.executable, "-m", "dpo_dist.cli"]
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
-    run(DPO + ["tiny-model", "model", "--seed", "0"], d)
-    run(DPO + ["synthetic", "train.jsonl", "--n", "256", "--seed", "1"], d)
-    run(DPO + ["synthetic", "eval.jsonl", "--n", "48", "--seed", "2", "--split", "eval"], d)
+    write_inputs(d, 256, 48)
     return d
 
 

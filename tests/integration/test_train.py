@@ -39,13 +39,22 @@ def run(args, cwd, extra_env=None, check=True):
     return proc
 
 
+def write_inputs(d: Path, n_train: int, n_eval: int) -> None:
+    """d/model (tiny llama, seed 0), d/train.jsonl and d/eval.jsonl (synthetic pairs, seeds 1 and 2):
+    what `dpo-dist tiny-model` and `dpo-dist synthetic` write (both CLIs run below), made in-process."""
+    from dpo_dist.fixtures.synthetic import write_synthetic_pairs
+    from dpo_dist.fixtures.tiny import write_tiny_model
+
+    write_tiny_model(d / "model", arch="llama", seed=0)
+    write_synthetic_pairs(d / "train.jsonl", n=n_train, seed=1)
+    write_synthetic_pairs(d / "eval.jsonl", n=n_eval, seed=2, split="eval")
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A tiny llama, synthetic train/eval pairs, and the reference cache scored once on Ray."""
     d = tmp_path_factory.mktemp("train")
-    run(DPO + ["tiny-model", "model", "--seed", "0"], d)
-    run(DPO + ["synthetic", "train.jsonl", "--n", "512", "--seed", "1"], d)
-    run(DPO + ["synthetic", "eval.jsonl", "--n", "96", "--seed", "2", "--split", "eval"], d)
+    write_inputs(d, 512, 96)
     run(DPO + ["score", "model.name_or_path=model", "data.train=train.jsonl", "data.eval=eval.jsonl",
                "cache_dir=cache", "score.shard_size=256"], d)
     return d
@@ -293,16 +302,22 @@ def test_changed_settings_are_refused_before_any_work(work, learned):
     assert "training already complete" in proc.stdout + proc.stderr
 
 
-def test_overwrite_moves_the_old_run_aside(work, learned):
+def test_overwrite_moves_the_old_run_aside_and_zero2_trains(work, learned):
+    """--overwrite with other settings (here the shipped ZeRO-2 JSON and another beta) moves the
+    finished run aside and trains the new one in its place. (zero3_bf16_offload.json differs from
+    zero3_bf16.json only in offload blocks a CPU cannot exercise: test_presets checks it.)"""
     copy = work / "run_copy"
     shutil.copytree(learned, copy)
-    proc = run(DPO + ["train", "--overwrite", *base("run_copy", "loss.beta=0.5", "train.max_steps=2",
-                                                     "export.enabled=false")], work)
+    proc = run(DPO + ["train", "--overwrite", *base("run_copy", "loss.beta=0.5", "train.max_steps=2", "export.enabled=false",
+                                                     f"train.deepspeed_config={REPO}/ds_configs/zero2_bf16.json")], work)
     asides = list(work.glob("run_copy.replaced-*"))
     assert len(asides) == 1 and (asides[0] / "final_metrics.json").exists() and (asides[0] / "export").is_dir()
     assert "moved the earlier run" in proc.stdout
     recorded = json.loads((copy / "run.json").read_text())["identity"]
-    assert recorded["loss.beta"] == 0.5 and recorded["train.steps"] == 2
+    assert recorded["loss.beta"] == 0.5 and recorded["train.steps"] == 2 and recorded["train.zero_stage"] == 2
+    final = json.loads((copy / "final_metrics.json").read_text())
+    assert final["steps"] == 2 and final["export_dir"] is None
+    assert "step-0 identity: loss 0.69" in proc.stdout + proc.stderr and "bound 0.05" in proc.stdout
 
 
 def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
@@ -371,15 +386,3 @@ def test_sweep_trains_each_run_from_one_cache(work):
     (work / "bad_sweep.yaml").write_text("runs:\n  a: [loss.beta=0.2]\n  longer: [data.max_length=384]\n")
     bad = run(DPO + ["sweep", "bad_sweep.yaml", *args], work, check=False)
     assert bad.returncode == 2 and "bad_sweep.yaml:3: run 'longer': data.max_length=384 changes data" in bad.stderr, bad.stderr
-
-
-# zero3_bf16_offload.json differs from zero3_bf16.json only in its offload_* blocks, which a CPU
-# machine cannot exercise (the optimizer already lives on the CPU); it is checked by test_presets.
-@pytest.mark.parametrize("ds_config", ["zero2_bf16.json"])
-def test_other_shipped_deepspeed_configs_train(work, ds_config):
-    out = f"run_{ds_config.split('.')[0]}"
-    proc = run(DPO + ["train", *base(out, f"train.deepspeed_config={REPO}/ds_configs/{ds_config}",
-                                      "train.max_steps=2", "export.enabled=false")], work)
-    final = json.loads((work / out / "final_metrics.json").read_text())
-    assert final["steps"] == 2 and final["export_dir"] is None
-    assert "step-0 identity: loss 0.69" in proc.stdout + proc.stderr and "bound 0.05" in proc.stdout
