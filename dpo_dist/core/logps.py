@@ -96,6 +96,20 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 # scaling after the head): for these the head can be replaced by `HeadTokenLogps` (checked by
 # tests/unit/test_packing.py against the plain path for each).
 FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma", "phi3", "olmo2", "smollm3"})
+# Model types whose forward takes position_ids and a 4D attention mask as given, so that packed and
+# shared-prompt rows compute what each sequence alone would (tests/unit/test_packing.py checks each).
+# Others (e.g. OPT, which derives positions from the 2D mask) run padded rows.
+LAYOUT_MODEL_TYPES = FUSED_HEAD_MODEL_TYPES
+
+
+def usable_layout(config, layout: str) -> tuple[str, str | None]:
+    """The layout to run for a model `config`: `layout`, or "padded" with a note for an architecture
+    not known to take packed rows exactly."""
+    model_type = getattr(config, "model_type", None)
+    if layout == "padded" or model_type in LAYOUT_MODEL_TYPES:
+        return layout, None
+    return "padded", (f"model.layout={layout} is not known to be exact for {model_type} models (positions or masks "
+                      "built inside the model): running padded rows")
 
 
 class HeadTokenLogps(torch.autograd.Function):

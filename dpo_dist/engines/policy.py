@@ -94,3 +94,13 @@ def _ready_for_generation(model, original) -> None:
     for key, value in original.to_dict().items():
         if random_in_training(key) and isinstance(value, (int, float)) and hasattr(model.config, key):
             setattr(model.config, key, value)
+
+
+def usable_layout_noted(model_config, layout: str, speak: bool) -> str:
+    """core.logps.usable_layout for the policy, its note printed (by the rank that `speak`s)."""
+    from dpo_dist.core.logps import usable_layout
+
+    layout, note = usable_layout(model_config, layout)
+    if note and speak:
+        print(f"[dpo-dist] {note}", flush=True)
+    return layout

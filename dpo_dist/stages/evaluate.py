@@ -80,6 +80,11 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
     net, default_label, source, step = _load_model(cfg, model, checkpoint, torch_dtype)
     net = net.to(device).eval()
+    from dpo_dist.core.logps import usable_layout
+
+    layout, note = usable_layout(getattr(net, "config", None), cfg.model.layout)
+    if note:
+        print(f"[dpo-dist] {note}", flush=True)
     from dpo_dist.models import load_tokenizer
 
     tokenizer = load_tokenizer(training_cache(cfg).tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -90,7 +95,7 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     with torch.no_grad():
         for start in tqdm(range(0, len(split), batch_size), desc="eval", unit="batch", mininterval=5):
             rows = [split[i] for i in range(start, min(start + batch_size, len(split)))]
-            batch = to_device(pairs_layout(rows, cfg.model.layout, pad_id), device)
+            batch = to_device(pairs_layout(rows, layout, pad_id), device)
             logps, counts = layout_logps(net, batch, fused=cfg.model.fused_head)
             chosen, rejected = split_chosen_rejected(logps.float())
             n_chosen, n_rejected = split_chosen_rejected(counts)

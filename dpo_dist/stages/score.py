@@ -114,7 +114,12 @@ class RefScorer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.tok_args = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
         self.token_budget = token_budget
-        self.layout, self.fused_head = layout, fused_head
+        from dpo_dist.core.logps import usable_layout
+
+        self.layout, note = usable_layout(self.model.config, layout)
+        if note:
+            print(f"[dpo-dist] {note}", flush=True)
+        self.fused_head = fused_head
 
     def pid(self) -> int:
         return os.getpid()

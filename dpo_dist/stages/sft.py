@@ -27,7 +27,7 @@ from dpo_dist.engines import checkpoints
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
 from dpo_dist.engines.deepspeed_engine import (Dist, all_reduce, build_engine, compute_init, fill_ds_config, load_ds_json,
                                                on_main, rank_rounds)
-from dpo_dist.engines.policy import export_model, load_policy
+from dpo_dist.engines.policy import export_model, load_policy, usable_layout_noted
 
 CKPT = "checkpoints"
 FINAL = "final_metrics.json"
@@ -172,7 +172,9 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if plan.steps_per_epoch == 0:
             raise UserError(f"{len(data['train'])} SFT sequences do not fill one global batch of {plan.global_batch}")
         total = prep.identity["sft.steps"]
-        hidden = getattr(load_config(prep.base_dir, trust_remote_code=cfg.model.trust_remote_code), "hidden_size", 1024)
+        model_config = load_config(prep.base_dir, trust_remote_code=cfg.model.trust_remote_code)
+        hidden = getattr(model_config, "hidden_size", 1024)
+        cfg.model.layout = usable_layout_noted(model_config, cfg.model.layout, dist.is_main)
         ds_config = fill_ds_config(load_ds_json(t.deepspeed_config), t, dist.world_size, hidden,
                                    has_gpu=dist.device != "cpu", source=t.deepspeed_config)
         torch.manual_seed(t.seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 from dpo_dist.core import cache as cache_mod
 from dpo_dist.engines import checkpoints
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
-from dpo_dist.engines.policy import export_model, load_policy
+from dpo_dist.engines.policy import export_model, load_policy, usable_layout_noted
 from dpo_dist.config import Config, to_yaml
 from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, build_engine, compute_init, fill_ds_config,
                              load_ds_json, local_param_fraction, on_main, param_counts, precision, rank_rounds)
@@ -293,7 +293,9 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
         raise UserError(f"{len(train_split)} training pairs do not fill one global batch of {plan.global_batch} "
                         f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
     total_steps = prepared.identity["train.steps"]
-    hidden = getattr(load_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code), "hidden_size", 1024)
+    model_config = load_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code)
+    hidden = getattr(model_config, "hidden_size", 1024)
+    cfg.model.layout = usable_layout_noted(model_config, cfg.model.layout, dist.is_main)
     ds_config = fill_ds_config(load_ds_json(t.deepspeed_config), t, dist.world_size, hidden,
                                has_gpu=dist.device != "cpu", source=t.deepspeed_config)
     torch.manual_seed(t.seed)
@@ -332,6 +334,9 @@ def announce(run: Run) -> None:
           f"params {run.n_params:,} ({run.n_trainable:,} trainable, {run.policy_dtype}); ZeRO stage {stage}, "
           f"each rank holds {fraction:.0%} of the weights" + (f"; resuming at step {run.start_step}" if run.start_step else ""),
           flush=True)
+    if dist.world_size == 1 and stage == 3:
+        print("[dpo-dist] one process: ZeRO-3 partitions nothing here and costs time and memory; "
+              "ds_configs/zero2_bf16.json trains faster and leaner (BENCHMARKS.md)", flush=True)
 
 
 def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, float]:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from dpo_dist.core.logps import (FUSED_HEAD_MODEL_TYPES, HeadTokenLogps, fused_head, layout_logps,
-                                 token_logps_plain)
+from dpo_dist.core.logps import (FUSED_HEAD_MODEL_TYPES, LAYOUT_MODEL_TYPES, HeadTokenLogps, fused_head,
+                                 layout_logps, token_logps_plain, usable_layout)
 from dpo_dist.core.packing import LAYOUTS, pairs_layout, sequences_layout
 
 V = 97
@@ -155,3 +155,23 @@ def test_bf16_fused_values_equal_the_plain_bf16_path():
         b, _ = layout_logps(model, batch, fused=False)
     assert a.dtype == torch.float32
     torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", sorted(LAYOUT_MODEL_TYPES - {"llama", "qwen2", "gpt_neox"}))
+def test_packed_and_shared_rows_are_exact_for_every_listed_architecture(model_type):
+    model = tiny(model_type)
+    ex = pairs(4, seed=5)
+    want = torch.tensor([alone(model, e["prompt_input_ids"], e[k]) for k in ("chosen_input_ids", "rejected_input_ids")
+                         for e in ex], dtype=torch.float64)
+    for layout in ("packed", "shared"):
+        with torch.no_grad():
+            sums, _ = layout_logps(model, pairs_layout(ex, layout, pad_token_id=0))
+        torch.testing.assert_close(sums.double(), want, atol=2e-4, rtol=1e-5, msg=f"{model_type} {layout}")
+
+
+def test_unlisted_architectures_run_padded_rows_with_a_note():
+    opt = transformers.OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=48)
+    layout, note = usable_layout(opt, "shared")
+    assert layout == "padded" and "opt" in note
+    assert usable_layout(tiny("qwen2").config, "shared") == ("shared", None)
+    assert usable_layout(opt, "padded") == ("padded", None)
