@@ -56,7 +56,11 @@ demo: install
 paper-demo: install
 	$(PY) -m dpo_dist.fixtures.paper_demo --config configs/paper_demo.yaml
 
+# CPU benchmarks (BENCHMARKS.md): TRL is a bench-only extra, installed here.
 bench: install
+	@$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)" >> $(VENV)/install.log 2>&1 || \
+	   { tail -n 20 $(VENV)/install.log; echo "[make] installing the bench extra failed"; exit 1; }
+	$(PY) bench/bench_vs_trl.py --size tiny
 	$(PY) bench/bench_score.py
 
 clean:
