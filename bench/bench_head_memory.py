@@ -1,6 +1,6 @@
 """Peak memory of the log-probs of one micro-batch through the LM head: the plain path (full logits,
 then log-softmax) against the fused head (core.logps.HeadTokenLogps: response tokens only, chunks of
-1,024 tokens, recomputed in backward), at the vocabularies of SmolLM2 (49,152), Llama 3 (128,256)
+128 MB of float32 logits, recomputed in backward), at the vocabularies of SmolLM2 (49,152), Llama 3 (128,256)
 and Qwen2 (151,936). Forward and backward, float32 on CPU (bf16 halves the tensors of both paths).
 
     .venv/bin/python bench/bench_head_memory.py          # ~1 min
@@ -26,7 +26,7 @@ TOKENS, HIDDEN, RESPONSE_SHARE = 4096, 576, 0.4
 def child(path: str, vocab: int) -> dict:
     import torch
 
-    from dpo_dist.core.logps import HeadTokenLogps, token_logps_plain
+    from dpo_dist.core.logps import HEAD_CHUNK_ELEMENTS, HeadTokenLogps, token_logps_plain
 
     torch.manual_seed(0)
     hidden = torch.randn(TOKENS, HIDDEN, requires_grad=True)
@@ -39,7 +39,8 @@ def child(path: str, vocab: int) -> dict:
         logits = hidden @ weight.t()  # (T, V)
         logps = token_logps_plain(logits.index_select(0, positions), targets)
     else:
-        logps = HeadTokenLogps.apply(hidden.index_select(0, positions), weight, None, targets, 1024)
+        chunk = max(32, HEAD_CHUNK_ELEMENTS // vocab)  # what layout_logps uses
+        logps = HeadTokenLogps.apply(hidden.index_select(0, positions), weight, None, targets, chunk)
     logps.sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"extra_gb": (peak - before) / 2**20, "value": float(logps.detach().sum()),

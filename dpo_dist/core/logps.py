@@ -202,11 +202,16 @@ def token_logps_plain(logits: torch.Tensor, targets: torch.Tensor, chunk_size: i
     return torch.cat(parts) if parts else logits.new_zeros(0, dtype=compute)
 
 
-def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+# Elements of one chunk of fused-head logits (float32: 128 MB): tokens per chunk = this / vocabulary.
+HEAD_CHUNK_ELEMENTS = 1 << 25
+
+
+def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and token counts of each sequence of a `core.packing` batch: ((S,), (S,)).
 
     fused: apply the LM head through HeadTokenLogps to the target positions only (no logits tensor),
-    where the architecture allows (`fused_head`); else the model's logits, gathered at the targets.
+    where the architecture allows (`fused_head`), in chunks of `chunk_size` tokens (default: 128 MB of
+    float32 logits per chunk); else the model's logits, gathered at the targets.
     Accepts a Hugging Face model, a PEFT model or a DeepSpeed engine (anything called with model kwargs).
     """
     attention = batch["attention_mask"]
@@ -219,9 +224,11 @@ def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int = 1024)
     target_pos, target_ids = batch["target_pos"], batch["target_ids"]
     head = fused_head(model) if fused else None
     if head is not None:
+        chunk = chunk_size or max(32, HEAD_CHUNK_ELEMENTS // head.out_features)
+
         def forward(hidden):  # (R, W, D) -> (N,) log-probs of the targets
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_pos)
-            return HeadTokenLogps.apply(picked, head.weight, head.bias, target_ids, chunk_size)
+            return HeadTokenLogps.apply(picked, head.weight, head.bias, target_ids, chunk)
 
         with _head_replaced(head, forward):
             tokens = model(**kwargs).logits
