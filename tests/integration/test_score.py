@@ -268,9 +268,9 @@ def test_ray_job_submit_gives_identical_shards(baseline, tiny_model, synthetic_p
         refused = subprocess.run(submit, env=env, cwd=project, capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0 and "--base-dir" in refused.stdout + refused.stderr, refused.stdout[-3000:]
         # With --base-dir: scores; the job's `python` is the venv's (printed first by the same job).
+        score_cmd = submit[-4:-2] + ["--base-dir", str(project), *submit[-2:]]  # python launchers/score_ref.py --base-dir P --config C
         based = subprocess.run(
-            submit[:-5] + ["--base-dir", str(project), "--", "bash", "-c",
-                           "python -c 'import sys; print(\"job python:\", sys.executable)' && " + shlex.join(submit[-4:])],
+            submit[:-4] + ["bash", "-c", "python -c 'import sys; print(\"job python:\", sys.executable)' && " + shlex.join(score_cmd)],
             env=env, cwd=project, capture_output=True, text=True, timeout=300)
         log = based.stdout + based.stderr
         assert based.returncode == 0 and "succeeded" in log, log[-4000:]
