@@ -15,10 +15,10 @@ from dpo_dist.core.packing import LAYOUTS, pairs_layout, sequences_layout
 V = 97
 
 
-def tiny(model_type: str, dtype=torch.float32, attn="sdpa"):
+def tiny(model_type: str, dtype=torch.float32, attn="sdpa", tied=False):
     cls = transformers.CONFIG_MAPPING[model_type]
     kw = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if model_type == "gpt_neox":
         kw.pop("num_key_value_heads")
@@ -175,3 +175,18 @@ def test_unlisted_architectures_run_padded_rows_with_a_note():
     assert layout == "padded" and "opt" in note
     assert usable_layout(tiny("qwen2").config, "shared") == ("shared", None)
     assert usable_layout(opt, "padded") == ("padded", None)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fused_head_with_tied_embeddings_gives_the_plain_gradients(model_type):
+    """A tied head is the embedding matrix: its gradient sums the head's and the embedding's."""
+    model = tiny(model_type, tied=True).train()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    batch = pairs_layout(pairs(3, seed=6), "shared", pad_token_id=0)
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        sums, _ = layout_logps(model, batch, fused=fused)
+        sums.sum().backward()
+        grads.append(model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
