@@ -159,9 +159,8 @@ class HeadTokenLogps(torch.autograd.Function):
 
 
 def _hf_model(model):
-    """The Hugging Face model behind a DeepSpeed engine (ours or DeepSpeed's) or a PEFT wrapper."""
-    inner = getattr(model, "module", model)
-    return inner
+    """The Hugging Face (or PEFT) model behind a DeepSpeed engine, ours or DeepSpeed's."""
+    return getattr(model, "module", model)
 
 
 def fused_head(model):
