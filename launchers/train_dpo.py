@@ -34,6 +34,15 @@ def main() -> int:
     parser.add_argument("--base-dir", help="resolve relative paths in the config against this folder")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    code = run(args)
+    # after a clean end only: a rank that raised leaves teardown to torchrun, which stops the others
+    from dpo_dist.engines.deepspeed_engine import compute_shutdown
+
+    compute_shutdown()
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.base_dir:

@@ -115,6 +115,18 @@ def compute_init() -> Dist:
     return Dist(rank, local_rank, world, device)
 
 
+def compute_shutdown() -> None:
+    """Tear down torch.distributed before the interpreter exits.
+
+    A gloo group left to die with the interpreter can abort the process ("terminate called without
+    an active exception") after the run has finished; destroying it here is local (no collective).
+    """
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def all_reduce(values: dict[str, float], dist: Dist, op: str = "mean") -> dict[str, float]:
     """Reduce scalar metrics over ranks in one collective: op is "mean", "sum" or "max"."""
     import torch

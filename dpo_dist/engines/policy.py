@@ -22,7 +22,12 @@ def load_policy(model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, ds_c
                            trust_remote_code=model_cfg.trust_remote_code)
     model.config.use_cache = False  # training never reuses past keys; export turns it back on
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed it (the old name warns from 5.2x on); either way non-reentrant
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora.enabled:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
