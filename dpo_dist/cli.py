@@ -146,11 +146,13 @@ def _score(args) -> int:
 
 
 def _train(args) -> int:
-    from dpo_dist.launch import num_procs, run_torchrun
+    from dpo_dist.launch import num_procs, preflight, run_torchrun
     from dpo_dist.pipeline import check_run_folder
 
     cfg = _load(args)  # validate before starting processes
-    note = check_run_folder(cfg, num_procs(cfg)[0], args.overwrite, check_cache=True)  # refuse before torchrun starts
+    world, has_gpu = num_procs(cfg)
+    preflight(cfg, world, has_gpu)
+    note = check_run_folder(cfg, world, args.overwrite, check_cache=True)  # refuse before torchrun starts
     if note:
         print(f"[dpo-dist] {note}", flush=True)
     return run_torchrun(cfg, args.config, args.overrides, resume=args.resume, base_dir=args.base_dir)

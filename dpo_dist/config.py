@@ -6,6 +6,7 @@ Derived values are methods; nothing is stored twice.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -290,7 +291,9 @@ def _build(cls, values: dict, origins: _Origins, prefix: str = ""):
     names = sorted(f.name for f in dataclasses.fields(cls))
     for key in values:
         if key not in names:
-            raise ConfigError(f"{origins.of(prefix + key)}: unknown field {prefix}{key} (valid: {', '.join(names)})")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            guess = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"{origins.of(prefix + key)}: unknown field {prefix}{key} ({guess}valid: {', '.join(names)})")
     return cls(**{k: _coerce(v, hints[k], origins, prefix + k) for k, v in values.items()})
 
 

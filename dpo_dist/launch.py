@@ -39,11 +39,73 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
             f"--signals_to_handle={FORWARDED}", f"--shutdown_timeout={GRACE_S}", str(LAUNCHER), *args]
 
 
+# A DeepSpeed op build (the CPU shared-memory op, JIT-compiled at the first start) takes seconds to
+# a minute; a lock older than this was left by a build that was killed, and would block every later
+# start silently and forever (torch waits on it without a word).
+STALE_LOCK_S = 600
+_NAMED: set = set()  # young locks already named to the user
+
+
+def preflight(cfg: Config, world_size: int, has_gpu: bool, stage: str = "dpo") -> None:
+    """What the ranks would refuse, refused here, before torchrun starts (they check it all again:
+    srun may start them without this process): the DeepSpeed JSON (present, valid JSON, batch sizes
+    that agree with the config and the world size); then stale extension build locks."""
+    from dpo_dist.engines.deepspeed_engine import DeepSpeedConfigError, fill_ds_config, load_ds_json
+
+    t = cfg.sft_train() if stage == "sft" else cfg.train
+    try:
+        ds = load_ds_json(t.deepspeed_config)
+    except FileNotFoundError:
+        raise DeepSpeedConfigError(f"train.deepspeed_config: {t.deepspeed_config}: no such file "
+                                   "(shipped configs are in ds_configs/)") from None
+    if not isinstance(ds, dict):
+        raise DeepSpeedConfigError(f"{t.deepspeed_config}: a DeepSpeed config is a JSON object, got {type(ds).__name__}")
+    stage_no = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage_no not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"{t.deepspeed_config}: zero_optimization.stage must be 0, 1, 2 or 3; got {stage_no!r}")
+    fill_ds_config(ds, t, world_size, hidden_size=1024, has_gpu=has_gpu, source=t.deepspeed_config)
+    clear_stale_build_locks()
+
+
+def extension_build_root() -> Path:
+    """Where torch JIT-builds extensions (DeepSpeed's ops): TORCH_EXTENSIONS_DIR or torch's default."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+def clear_stale_build_locks(root: Path | None = None, stale_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove build locks of DeepSpeed ops older than `stale_s` (a killed build's), saying so; name a
+    younger one, so a wait on it is not silent. Returns the removed locks."""
+    import time
+
+    root = root or extension_build_root()
+    removed = []
+    for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
+        if not lock.parent.name.startswith("deepspeed") or lock.is_symlink() or not lock.is_file():
+            continue
+        age = time.time() - lock.stat().st_mtime
+        if age > stale_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            print(f"[dpo-dist] removed a stale DeepSpeed build lock {lock} ({age / 60:.0f} min old: a build "
+                  "that was killed); the op is rebuilt", flush=True)
+        elif lock not in _NAMED:
+            _NAMED.add(lock)
+            print(f"[dpo-dist] a DeepSpeed op is being built ({lock}, {age:.0f} s old); the ranks wait for it. "
+                  f"If no build is running, delete that file", flush=True)
+    return removed
+
+
 def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], resume: bool,
                  overwrite: bool = False, base_dir: str | None = None, stage: str = "dpo") -> int:
     """Run the trainer (stage dpo or sft) to its end; SIGTERM/SIGUSR1 sent to this process reach the
     ranks, which save and stop."""
     nproc, has_gpu = num_procs(cfg)
+    preflight(cfg, nproc, has_gpu, stage)
     env = dict(os.environ)
     if not has_gpu:  # share the cores: torchrun does not set OMP_NUM_THREADS on its own
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))

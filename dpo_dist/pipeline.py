@@ -179,14 +179,17 @@ def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], ove
                  base_dir: str | None = None, only: list[str] | None = None) -> int:
     """The config's stages (or `only` those of them) in order; see the module docstring."""
     from dpo_dist.config import ConfigError
-    from dpo_dist.launch import num_procs, run_torchrun
+    from dpo_dist.launch import num_procs, preflight, run_torchrun
 
     stages = cfg.stages if only is None else [s for s in cfg.stages if s in only]
     extra = [s for s in only or [] if s not in cfg.stages]
     if extra or not stages:
         raise ConfigError(f"--only {','.join(only or [])}: give stages of the config's recipe ({', '.join(cfg.stages)}); "
                           "add a stage to the recipe with stages=[...]")
-    world = num_procs(cfg)[0]
+    world, has_gpu = num_procs(cfg)
+    for stage in ("sft", "train"):  # the trainers' input, refused before any stage's work
+        if stage in stages:
+            preflight(cfg, world, has_gpu, "sft" if stage == "sft" else "dpo")
     sft_pending = cfg.uses_sft() and not (cfg.sft_export_dir() / "config.json").is_file()
     if not sft_pending and "train" in stages:  # with the SFT export at hand, the run folder is checked before any work
         note = check_run_folder(cfg, world, overwrite)

@@ -12,6 +12,7 @@ Notation used in the docstrings below, per example:
     ls = label_smoothing, sigma = logistic function, log sigma = F.logsigmoid
 Length-normalized variants first divide c and r by the response token counts.
 """
+import difflib
 import math
 from typing import Callable, NamedTuple
 
@@ -323,9 +324,10 @@ def _resolve_params(loss_type: str, variant: _Variant, given: dict) -> dict:
         del allowed["reference_free"]  # simpo never uses a reference
     unknown = sorted(set(given) - set(allowed))
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), sorted(allowed), n=1)
         raise ValueError(
             f"unknown parameter {unknown[0]!r} for loss_type={loss_type!r}; "
-            f"accepted: {', '.join(sorted(allowed))}"
+            + (f"did you mean {close[0]!r}? " if close else "") + f"accepted: {', '.join(sorted(allowed))}"
         )
     return {**allowed, **given}
 

@@ -23,7 +23,9 @@ def test_derived_values():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.lrr=1"], "unknown field train.lrr"),
+    (["train.lrr=1"], r"unknown field train.lrr \(did you mean train.lr\? valid"),
+    (["trian.lr=1"], r"unknown field trian \(did you mean train\? valid"),
+    (["loss.loss_type=simpo", "loss.params={gama: 1}"], "unknown parameter 'gama' for loss_type='simpo'; did you mean 'gamma'"),
     (["train.lr=fast"], "train.lr must be float"),
     (["train.micro_batch_size=2.5"], "train.micro_batch_size must be int"),
     (["data.format=xml"], "data.format must be one of"),
