@@ -14,6 +14,7 @@ Systems, each in a fresh process (peak RSS is that process's), alternating order
   dd-packed              packed rows (no padding), fused head
   dd                     the default: shared prompt (computed once per pair), packed, fused head
   dd-zero2               the default with ZeRO-2 instead of ZeRO-3 (one process holds everything anyway)
+  dd-zero0               the default with ZeRO stage 0: DeepSpeed's engine around a plain torch AdamW
   dd-gc                  the default with gradient checkpointing
   dd-2proc               the default on 2 processes (torchrun, 1 thread each, same global batch)
   score / score-2        `dpo-dist score` end to end (Ray start, tokenize, forward, shards) with 1 actor
@@ -46,6 +47,7 @@ TRL_SYSTEMS = ["trl-ref", "trl-ref-gc", "trl-pre", "trl-pre-gc"]
 # name: (layout, fused head, ZeRO stage, gradient checkpointing, processes)
 DD_SYSTEMS = {"dd-padded": ("padded", False, 3, False, 1), "dd-packed": ("packed", True, 3, False, 1),
               "dd": ("shared", True, 3, False, 1), "dd-zero2": ("shared", True, 2, False, 1),
+              "dd-zero0": ("shared", True, 0, False, 1),
               "dd-gc": ("shared", True, 3, True, 1), "dd-2proc": ("shared", True, 3, False, 2)}
 LR = 1e-5
 MAX_LENGTH = 512

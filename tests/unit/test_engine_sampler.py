@@ -12,7 +12,7 @@ from dpo_dist.core.sampler import BatchPlan
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["zero3_bf16.json", "zero3_bf16_offload.json", "zero2_bf16.json"])
+@pytest.mark.parametrize("name", ["zero3_bf16.json", "zero3_bf16_offload.json", "zero2_bf16.json", "zero0_bf16.json"])
 def test_shipped_configs_fill_every_auto(name):
     ds = load_ds_json(str(REPO / "ds_configs" / name))
     t = TrainConfig(micro_batch_size=2, gradient_accumulation_steps=4, lr=5e-7, weight_decay=0.01, max_grad_norm=10.0)
