@@ -16,19 +16,37 @@ from typing import Callable, Iterable, Iterator
 from dpo_dist.core.errors import UserError
 
 
-def init_ray(num_cpus: int | None = None):
-    """Connect to RAY_ADDRESS (as `ray job submit` sets it), or start an embedded local cluster."""
+# Ray's switch for "this node takes part in no cluster" (its default on macOS and Windows): the node's
+# address is then the loopback one, and Ray's servers (GCS, raylet, workers, agents) listen on it
+# alone. Read by each Ray process at import: set in the environment the embedded cluster inherits
+# (its raylet passes it on to the workers it starts).
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
+    """Connect to RAY_ADDRESS (as `ray job submit` sets it), or start an embedded local cluster that
+    listens on 127.0.0.1 only (no other machine can reach it, so it needs no token)."""
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return ray
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only cluster
+        return ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only: see below
+    before = os.environ.get(_SINGLE_MACHINE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
         # address="local": without it ray.init joins the last `ray start` cluster of this machine (or
         # hangs on a stale record of one) instead of starting the embedded cluster documented above.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    finally:  # Ray's processes have it; later subprocesses of ours (a `ray start`) must not
+        if before[0] is None:
+            os.environ.pop(_SINGLE_MACHINE, None)
+        else:
+            os.environ[_SINGLE_MACHINE] = before[0]
+        ray_constants.ENABLE_RAY_CLUSTER = before[1]
     return ray
 
 

@@ -61,6 +61,8 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never join a leftover cluster
+    from dpo_dist.engines.ray_pool import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)  # embedded, loopback only; never joins a leftover cluster
     yield ray
     ray.shutdown()

@@ -325,8 +325,17 @@ def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_mo
     assert _shard_hashes(cache) == _shard_hashes(baseline)
 
 
+def _listening(procs) -> set[tuple[str, str]]:
+    """(address, process name) of every listening TCP socket of `procs`."""
+    pids = {p.pid: _cmdline(p).split(" ")[0].rsplit("/", 1)[-1] for p in procs}
+    return {(c.laddr.ip, pids[c.pid]) for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
 def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthetic_path, tmp_path):
-    """SIGKILL `dpo-dist score` after a few shards; the rerun skips them and ends with the same bytes."""
+    """SIGKILL `dpo-dist score` after a few shards; the rerun skips them and ends with the same bytes.
+    While it runs, every socket its embedded Ray listens on (GCS, raylet, workers, agents) is on the
+    loopback address: no other machine can reach it (the ShadowRay attack, CVE-2023-48022)."""
     cache = tmp_path / "cache"
     log = open(tmp_path / "score.log", "wb")
     driver = subprocess.Popen([str(VENV_BIN / "dpo-dist"), "score", *_overrides(tiny_model, synthetic_path, cache, *SYNTHETIC)],
@@ -339,12 +348,16 @@ def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthe
             assert time.monotonic() < deadline
             time.sleep(0.02)
         descendants = psutil.Process(driver.pid).children(recursive=True)
+        sockets = _listening([psutil.Process(driver.pid), *descendants])
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
         if driver.poll() is None:
             driver.kill()
         _kill_pids([p for p in descendants if p.is_running()])  # what is left of its embedded cluster
+    names = {name for _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names and len(sockets) >= 5, sockets
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in sockets), sockets
     done = _shard_hashes(cache)
     assert 3 <= len(done) < len(_shard_hashes(baseline))
     assert load_manifest(cache).splits["train"]["num_shards"] is None  # the killed run never finished
