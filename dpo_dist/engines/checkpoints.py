@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
 from dpo_dist.core.cache import atomic_write_bytes
+from dpo_dist.core.removal import UnsafeDeleteError, remove_tree
 from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier
 
 COMPLETE = "COMPLETE"
@@ -50,7 +50,7 @@ def remove_partials(ckpt_dir: Path) -> list[str]:
     later save of the same step must not mix with their files. Returns their names."""
     gone = []
     for p in partial_dirs(ckpt_dir):
-        shutil.rmtree(p, ignore_errors=True)
+        remove_tree(p, ckpt_dir.parent)
         gone.append(p.name)
     return gone
 
@@ -70,7 +70,10 @@ def save(engine: Engine, ckpt_dir: Path, step: int, state: dict, dist: Dist, kee
         atomic_write_bytes(ckpt_dir / LATEST, f"{tag}\n".encode())
         steps = complete_steps(ckpt_dir)
         for old in steps[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(ckpt_dir / f"step-{old}", ignore_errors=True)
+            try:
+                remove_tree(ckpt_dir / f"step-{old}", ckpt_dir.parent)
+            except UnsafeDeleteError as e:  # keep training; say why the old checkpoint stays
+                print(f"[dpo-dist] keep_last: {e}", flush=True)
     barrier(dist)
 
 

@@ -2,10 +2,10 @@
 Hugging Face folder. Shared by the SFT and DPO stages."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from dpo_dist.config import LoraConfig, ModelConfig
+from dpo_dist.core.removal import remove_tree
 from dpo_dist.engines.deepspeed_engine import Dist, Engine, barrier, precision, release_zero3, zero3_init
 
 
@@ -59,7 +59,7 @@ def export_model(engine: Engine, model_cfg: ModelConfig, lora: LoraConfig, polic
         trust = model_cfg.trust_remote_code
         original = load_config(policy_dir, trust_remote_code=trust)
         tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, out.parent)
         if lora.enabled:
             adapter_dir = tmp / "adapter" if merged_at_top else tmp
             engine.module.save_pretrained(str(adapter_dir), state_dict={k: v.cpu() for k, v in state.items()})
@@ -83,8 +83,7 @@ def export_model(engine: Engine, model_cfg: ModelConfig, lora: LoraConfig, polic
             _ready_for_generation(model, original)
             model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
+        remove_tree(out, out.parent)
         tmp.rename(out)
     barrier(dist)
     return out

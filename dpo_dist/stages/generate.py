@@ -23,13 +23,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_dist.config import Config
 from dpo_dist.core.errors import UserError
+from dpo_dist.core.removal import remove_tree
 from dpo_dist.core.generations import ROW_FIELDS, write_shard
 
 MANIFEST = "manifest.json"
@@ -278,7 +278,7 @@ def prepare_folder(folder: Path, identity: dict, overwrite: bool) -> dict:
     if folder.is_dir():
         for p in folder.iterdir():
             if p.name == MANIFEST or (p.is_dir() and p.name.startswith("temp-")):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                remove_tree(p, folder)
     return {"identity": identity, "temperatures": [], "shards": {}, "created": now()}
 
 

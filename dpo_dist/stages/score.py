@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from dpo_dist.core import cache as cache_mod
+from dpo_dist.core.removal import remove_tree
 from dpo_dist.config import Config
 from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
 from dpo_dist.core.identity import CacheSpec, data_identity, expected_cache
@@ -204,8 +204,8 @@ def prepare_cache_dir(cache_dir: Path, spec: CacheSpec, shard_size: int, overwri
             raise cache_mod.CacheError(cache_mod.mismatch_message(
                 cache_dir, lines, "use another cache_dir, or set score.overwrite=true to replace this one"))
         for split in cache_mod.SPLITS:
-            shutil.rmtree(cache_dir / split, ignore_errors=True)
-        (cache_dir / cache_mod.MANIFEST).unlink()
+            remove_tree(cache_dir / split, cache_dir)
+        remove_tree(cache_dir / cache_mod.MANIFEST, cache_dir)
     elif cache_dir.exists() and any(p.name != "tb" for p in cache_dir.iterdir()) and not overwrite:
         raise cache_mod.CacheError(f"{cache_dir}: folder exists, is not empty and holds no manifest; refusing to write into it")
     return cache_mod.Manifest.new(spec.identity, spec.names, shard_size)
