@@ -264,7 +264,18 @@ def _string(record: dict, name: str, where: str) -> str:
     value = record[name]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' must be a string, got {_type_name(value)}")
-    return value
+    return _unicode(value, f"field '{name}'", where)
+
+
+def _unicode(text: str, what: str, where: str) -> str:
+    """`text`, refused when it holds a lone surrogate: JSON's "\\ud800" escapes decode to one, and no
+    tokenizer (nor UTF-8) can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character "
+                        f"{e.start}), which is not Unicode text") from None
+    return text
 
 
 def _messages(record: dict, name: str, where: str) -> list[dict]:
@@ -282,6 +293,7 @@ def _messages(record: dict, name: str, where: str) -> list[dict]:
             if not isinstance(message.get(key), str):
                 raise DataError(f"{where}: field '{name}' message {i}: '{key}' must be a string, "
                                 f"got {_type_name(message.get(key))}")
+            _unicode(message[key], f"field '{name}' message {i} '{key}'", where)
     return value
 
 
