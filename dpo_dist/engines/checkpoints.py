@@ -4,6 +4,8 @@ Layout: OUTPUT_DIR/checkpoints/step-<N>/ (DeepSpeed's files of every rank, train
 COMPLETE), and `latest` naming the newest complete one (for DeepSpeed's zero_to_fp32 tool). The
 marker is written last, by rank 0, after every rank has written its shard; a save cut short by a
 kill or a node failure leaves a folder without it, which is never resumed from and is removed.
+The marker records each file's size and sha256: a checkpoint damaged on disk afterwards (cut
+short, a flipped bit) is found before a resume, named, set aside, and the previous one is used.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from dpo_dist.core.cache import atomic_write_bytes
+from dpo_dist.core.cache import atomic_write_bytes, sha256_file
 from dpo_dist.core.removal import UnsafeDeleteError, remove_tree
 from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier
 
@@ -66,7 +68,7 @@ def save(engine: Engine, ckpt_dir: Path, step: int, state: dict, dist: Dist, kee
         folder = ckpt_dir / tag
         public = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
         atomic_write_bytes(folder / "trainer_state.json", json.dumps(public, indent=2).encode())
-        atomic_write_bytes(folder / COMPLETE, f"{step}\n".encode())
+        mark_complete(folder, step)
         atomic_write_bytes(ckpt_dir / LATEST, f"{tag}\n".encode())
         steps = complete_steps(ckpt_dir)
         for old in steps[:-keep_last] if keep_last > 0 else []:
@@ -75,6 +77,57 @@ def save(engine: Engine, ckpt_dir: Path, step: int, state: dict, dist: Dist, kee
             except UnsafeDeleteError as e:  # keep training; say why the old checkpoint stays
                 print(f"[dpo-dist] keep_last: {e}", flush=True)
     barrier(dist)
+
+
+def mark_complete(folder: Path, step: int) -> None:
+    """Write the marker, with the size and sha256 of every file of the checkpoint (all ranks')."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    atomic_write_bytes(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1).encode())
+
+
+def damage(folder: Path) -> str | None:
+    """The first problem of a complete checkpoint (a file missing, cut short or changed since it was
+    written), or None when every file matches its marker. Markers without checksums (written before
+    they were recorded) pass."""
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{folder / COMPLETE}: unreadable marker ({e})"
+    if not isinstance(marker, dict):
+        return None  # "N": an older marker without checksums
+    for name, want in marker.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != want["size"]:
+            return f"{path}: {path.stat().st_size} bytes, written with {want['size']} (cut short or changed)"
+        if sha256_file(path) != want["sha256"]:
+            return f"{path}: checksum mismatch (corrupt or changed since it was written)"
+    return None
+
+
+def set_aside_damaged(ckpt_dir: Path) -> list[str]:
+    """Check the complete checkpoints newest first until one is intact; rename each damaged one to
+    damaged-step-N (never resumed from, kept for a look). Rank 0, before resuming. Returns notes."""
+    notes = []
+    for step in reversed(complete_steps(ckpt_dir)):
+        folder = ckpt_dir / f"step-{step}"
+        problem = damage(folder)
+        if problem is None:
+            break
+        aside = folder.with_name(f"damaged-{folder.name}")
+        n = 1
+        while aside.exists():
+            aside, n = folder.with_name(f"damaged-{folder.name}~{n}"), n + 1
+        folder.rename(aside)
+        notes.append(f"checkpoint step-{step} is damaged ({problem}); not resumed from, moved to {aside.name}")
+    latest = latest_complete(ckpt_dir)
+    if notes and latest is not None:
+        atomic_write_bytes(ckpt_dir / LATEST, f"step-{latest}\n".encode())
+    elif notes:
+        (ckpt_dir / LATEST).unlink(missing_ok=True)
+    return notes
 
 
 def _maybe_killed_during_save(step: int, dist: Dist) -> None:

@@ -89,6 +89,9 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
                               "--overwrite to start over (the old run is moved aside), or another sft.output_dir")
     (out / STOP_FILE).unlink(missing_ok=True)
     gone = checkpoints.remove_partials(ckpt_dir)
+    if resume:
+        notes += checkpoints.set_aside_damaged(ckpt_dir)
+        latest = checkpoints.latest_complete(ckpt_dir)
     if gone:
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)}")
     if ident.read_run(out) != identity:

@@ -97,6 +97,9 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
                               "it, --overwrite to start over (the old run is moved aside), or another output_dir")
     (out_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was for the job that has ended
     gone = checkpoints.remove_partials(ckpt_dir)
+    if resume:
+        notes += checkpoints.set_aside_damaged(ckpt_dir)
+        latest = checkpoints.latest_complete(ckpt_dir)
     if gone:
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "
                      + (f"step-{latest}" if latest is not None else "the start"))
