@@ -116,6 +116,7 @@ class TrainConfig:
     sample_max_new_tokens: int = opt(48, "Max new tokens of those samples.")
     step0_tolerance: Optional[float] = opt(None, "Max |policy - cached reference| log-prob difference per token, for any pair, allowed at step 0; null: the bound of the dtypes in play (1e-4 float32 vs float32; see README for 16-bit).")
     num_procs: Optional[int] = opt(None, "Processes for `dpo-dist train`: default one per GPU, else 2 on CPU.")
+    collective_timeout_s: int = opt(1800, "Seconds a rank waits in a collective for the others before it fails the job (a rank that dies is noticed by torchrun at once; this bounds a rank that hangs).")
 
 
 @dataclass

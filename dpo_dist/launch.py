@@ -129,7 +129,22 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
+    if code != 0:
+        print(failure_line(cfg, stage, code), file=sys.stderr, flush=True)
     return code
+
+
+def failure_line(cfg: Config, stage: str, code: int) -> str:
+    """One line after torchrun's report of a failed run: what failed, and where a rerun resumes."""
+    from dpo_dist.engines.checkpoints import latest_complete
+
+    ckpt_dir = (cfg.sft_dir() if stage == "sft" else Path(cfg.output_dir)) / "checkpoints"
+    latest = latest_complete(ckpt_dir)
+    how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ else f"exit {code}"
+    where = (f"the last complete checkpoint, {ckpt_dir / f'step-{latest}'}" if latest is not None
+             else "the start (no complete checkpoint yet)")
+    return (f"[dpo-dist] {'SFT' if stage == 'sft' else 'training'} failed ({how}): a rank died or raised (its error is "
+            f"above); rerun with --resume (or the same `dpo-dist run`) to continue from {where}")
 
 
 def signal_ranks(torchrun_pid: int, signum: int) -> None:

@@ -212,8 +212,7 @@ def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], ove
         code = run_torchrun(cfg, config_path, overrides, resume=True, base_dir=base_dir)
         if code == 2:  # the ranks refused the input; the error is printed
             return code
-        if code != 0:
-            print(f"[dpo-dist] training failed (exit {code}); rerun the same command to resume from the last checkpoint")
+        if code != 0:  # run_torchrun said what failed and where a rerun resumes
             return code
         if not (Path(cfg.output_dir) / "final_metrics.json").exists():
             print("[dpo-dist] training stopped early (signal) after saving a checkpoint; rerun the same command to resume")

@@ -62,7 +62,7 @@ def save(engine: Engine, ckpt_dir: Path, step: int, state: dict, dist: Dist, kee
     and prunes complete checkpoints beyond `keep_last` (0 keeps all). Collective."""
     tag = f"step-{step}"
     engine.save(ckpt_dir, tag, state)
-    _maybe_killed_during_save(step, dist)
+    maybe_killed("DURING_SAVE", step, dist)
     barrier(dist)
     if dist.is_main:
         folder = ckpt_dir / tag
@@ -130,10 +130,11 @@ def set_aside_damaged(ckpt_dir: Path) -> list[str]:
     return notes
 
 
-def _maybe_killed_during_save(step: int, dist: Dist) -> None:
-    """Failure injection for tests: DPO_DIST_KILL_DURING_SAVE=<step>:<rank> SIGKILLs that rank after
-    its shard is written and before the checkpoint is marked complete."""
-    spec = os.environ.get("DPO_DIST_KILL_DURING_SAVE", "")
+def maybe_killed(point: str, step: int, dist: Dist) -> None:
+    """Failure injection for tests: DPO_DIST_KILL_<POINT>=<step>:<rank> SIGKILLs that rank there.
+    Points: DURING_SAVE (its shard written, the checkpoint not yet marked complete) and IN_STEP
+    (mid-step, after its first backward)."""
+    spec = os.environ.get(f"DPO_DIST_KILL_{point}", "")
     if spec and spec == f"{step}:{dist.rank}":
         os.kill(os.getpid(), signal.SIGKILL)
 

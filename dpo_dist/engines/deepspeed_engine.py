@@ -97,8 +97,11 @@ class Dist:
         return self.rank == 0
 
 
-def compute_init() -> Dist:
-    """Initialise torch.distributed from the torchrun environment (NCCL on GPU, gloo on CPU)."""
+def compute_init(timeout_s: int = 1800) -> Dist:
+    """Initialise torch.distributed from the torchrun environment (NCCL on GPU, gloo on CPU); a
+    collective that waits longer than `timeout_s` for another rank fails."""
+    from datetime import timedelta
+
     import deepspeed
     import torch
 
@@ -111,7 +114,8 @@ def compute_init() -> Dist:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
-    deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world, device)
 
 

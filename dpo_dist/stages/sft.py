@@ -158,7 +158,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
     from dpo_dist.models import load_config, load_tokenizer
 
-    dist = compute_init()
+    dist = compute_init(cfg.train.collective_timeout_s)
     prep = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
     out = cfg.sft_dir()
     if prep.finished:

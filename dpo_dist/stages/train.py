@@ -339,7 +339,7 @@ def announce(run: Run) -> None:
           flush=True)
     if dist.world_size == 1 and stage == 3:
         print("[dpo-dist] one process: ZeRO-3 partitions nothing here and costs time and memory; "
-              "ds_configs/zero2_bf16.json trains faster and leaner (BENCHMARKS.md)", flush=True)
+              "ds_configs/zero0_bf16.json trains faster and leaner (BENCHMARKS.md)", flush=True)
 
 
 def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, float]:
@@ -356,6 +356,7 @@ def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, f
             tolerance = step0_tolerance(cfg, run.policy_dtype, run.prepared.cache_dtype)
             check_step0(step0_stats(out, batch, dist), run.prepared, tolerance, dist, run.writer)
         engine.backward(out["losses"].mean())
+        checkpoints.maybe_killed("IN_STEP", step + 1, dist)
         engine.step()
         for key, value in batch_metrics(out).items():
             sums[key] = sums.get(key, 0.0) + value / cfg.train.gradient_accumulation_steps
@@ -457,7 +458,7 @@ def finished_result(cfg: Config) -> TrainResult:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Prepare (all checks), build, run the steps, finish. Rerun with resume=True after a crash or a signal."""
-    dist = compute_init()
+    dist = compute_init(cfg.train.collective_timeout_s)
     prepared = prepare(cfg, dist, resume, overwrite)  # removes a stale STOP file
     if prepared.finished:
         if dist.is_main:

@@ -324,7 +324,9 @@ def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
     """One run of the learned run's config (checkpoints every 4 steps), interrupted twice:
     1. rank 1 SIGKILLed after writing its shard of step-8, before the checkpoint is marked complete:
        step-8 is never resumed from, the run resumes at step 4;
-    2. SIGTERM (as Slurm's SIGUSR1) mid-run: the ranks finish their step, save and exit 0.
+    2. SIGTERM (as Slurm's SIGUSR1) mid-run: the ranks finish their step, save and exit 0;
+    3. a bit of that checkpoint flipped on disk: it is set aside and the one before it resumed;
+    4. rank 1 SIGKILLed mid-step: the job fails with one line saying where a rerun continues.
     Resumed to the end, its per-step metrics and final weights are the uninterrupted run's. Then a
     larger max_steps trains on (allowed on resume); a plain rerun without --resume is refused."""
     out, args = work / "run_p", base("run_p", "train.save_steps=4")
@@ -351,8 +353,23 @@ def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
     assert 12 <= step < 16 and (out / "checkpoints" / f"step-{step}" / "COMPLETE").exists()
     assert not (out / "final_metrics.json").exists()
 
+    # 3. the newest checkpoint damaged on disk afterwards (a flipped bit): named by its checksum,
+    #    set aside, never loaded; the one before it is resumed
+    shard = sorted((out / "checkpoints" / f"step-{step}").rglob("*.pt"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    #    and 4. rank 1 SIGKILLed in the middle of step 14: the job fails at once, saying from where a rerun goes on
+    killed = run(DPO + ["train", "--resume", *args], work, {"DPO_DIST_KILL_IN_STEP": "14:1"}, check=False)
+    said = killed.stdout + killed.stderr
+    previous = 12 if step > 12 else 4
+    assert f"checkpoint step-{step} is damaged ({shard}: checksum mismatch" in said, said[-3000:]
+    assert f"resuming at step {previous}" in said and (out / "checkpoints" / f"damaged-step-{step}").is_dir()
+    assert killed.returncode != 0 and killed.stderr.strip().splitlines()[-1] == (
+        f"[dpo-dist] training failed (exit {killed.returncode}): a rank died or raised (its error is above); rerun with "
+        f"--resume (or the same `dpo-dist run`) to continue from the last complete checkpoint, {out / 'checkpoints' / 'step-12'}")
     resumed = run(DPO + ["train", "--resume", *args], work)
-    assert f"resuming at step {step}" in resumed.stdout + resumed.stderr
+    assert "resuming at step 12" in resumed.stdout + resumed.stderr
     a, b = scalars(learned / "tb"), scalars(out / "tb")
     for tag in ("train/loss", "train/rewards/margins", "train/lr", "train/logps/chosen"):
         assert sorted(b[tag]) == list(range(1, 17)), tag
