@@ -37,6 +37,10 @@ from dpo_dist.core.errors import UserError
 FORMATS = ("auto", "hh", "pairs", "messages")
 HH_MARKER = "\n\nAssistant:"
 NUM_EXAMPLES = 5  # row numbers kept per drop reason
+# A JSONL line longer than this is refused before it is parsed: a preference pair is kilobytes, and a
+# line of hundreds of megabytes (a file with no newlines, a pasted dump) would take minutes and
+# gigabytes to parse and tokenize only to be truncated to max_length.
+MAX_LINE_BYTES = 16 * 2**20
 # Bump when a rule above changes: it is part of source_fingerprint, so caches built under old rules
 # stop matching.
 NORMALIZE_VERSION = 1
@@ -333,17 +337,26 @@ def _iter_records(path: str, split: str, data_dir: str | None = None) -> Iterato
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    """Lines read as bytes and decoded one by one, so an encoding error names its own line."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rb") as f:
         line_no = 0
         while True:
             try:
-                line = f.readline()
-            except (UnicodeDecodeError, OSError, EOFError) as e:  # bad utf-8, corrupt or cut gzip
+                raw = f.readline(MAX_LINE_BYTES + 1)
+            except (OSError, EOFError) as e:  # corrupt or cut gzip
                 raise DataError(f"{path}:{line_no + 1}: cannot read: {e}") from None
-            if not line:
+            if not raw:
                 return
             line_no += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{line_no}: line longer than {MAX_LINE_BYTES // 2**20} MiB (a pair is a few "
+                                "kilobytes); is this JSON Lines, one pair per line?")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "re-encode the file as UTF-8") from None
             if line.strip():
                 yield line_no, _json_object(line.rstrip("\r\n"), f"{path}:{line_no}")
 

@@ -318,6 +318,26 @@ def test_other_container_errors(tmp_path):
         load_pairs(tmp_path / "data.txt")
 
 
+def test_huge_line_invalid_utf8_and_unreadable_files_are_one_line_errors(tmp_path):
+    from dpo_dist.core import data as data_mod
+
+    good = json.dumps(PAIRS[0])
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(good + "\n" + json.dumps(dict(PAIRS[1], prompt="x" * (100 * 2**20))) + "\n")  # a 100 MB line
+    with pytest.raises(DataError) as e:
+        load_pairs(huge)
+    assert str(e.value) == (f"{huge}:2: line longer than {data_mod.MAX_LINE_BYTES // 2**20} MiB (a pair is "
+                            "a few kilobytes); is this JSON Lines, one pair per line?")
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes((good + "\n").encode() + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\); re-encode"):
+        load_pairs(bad)
+    folder = tmp_path / "dir.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"dir\.jsonl"):
+        load_pairs(folder)
+
+
 def test_missing_source(tmp_path):
     for name in ("nope.jsonl", "nope/{split}.parquet", "some/dir/nope"):
         path = str(tmp_path / name).replace("{split}", "train")
