@@ -7,6 +7,7 @@ atomically. The manifest is the source of truth: a shard file it does not list i
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -58,15 +59,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(UserError, OSError):
+    """No space (or quota) left while writing: nothing was replaced."""
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary name beside `path`, fsync, rename: the file is complete or absent."""
+    """Write to a temporary name beside `path`, fsync, rename: the file is complete or absent, and
+    what `path` held before stays until the new bytes are all on disk. A full disk is a
+    DiskFullError naming the file; the partial temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: {os.strerror(e.errno).lower()} writing {len(payload) / 2**20:.1f} MiB; nothing "
+                                f"was replaced (what was there is intact): free space, then rerun") from None
+        raise
     _fsync_dir(path.parent)
 
 

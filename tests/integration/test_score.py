@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
 
-from dpo_dist.core.cache import CacheError, load_manifest, read_shard, verify  # noqa: E402
+from dpo_dist.core.cache import CacheError, load_manifest, open_cache, read_shard, verify  # noqa: E402
+from dpo_dist.core.identity import training_cache  # noqa: E402
 from dpo_dist.cli import main as cli_main  # noqa: E402
 from dpo_dist.config import load_config  # noqa: E402
 from dpo_dist.stages.score import run_scoring  # noqa: E402
@@ -407,7 +408,9 @@ def test_missing_path_fails_before_ray_starts(what, tiny_model, synthetic_path, 
     assert not (tmp_path / "cache").exists()
 
 
-def test_verify_names_a_corrupted_shard(baseline, tmp_path, capsys):
+def test_a_corrupted_shard_is_named_refused_and_rescored_alone(baseline, tiny_model, synthetic_path, tmp_path, capsys):
+    """A bit flipped in one shard: `cache info --verify` names it, training refuses the cache, and
+    scoring rescores that shard alone, back to the clean run's bytes."""
     cache = tmp_path / "cache"
     shutil.copytree(baseline, cache)
     shard = cache / "train" / "shard-00003.arrow"
@@ -418,3 +421,9 @@ def test_verify_names_a_corrupted_shard(baseline, tmp_path, capsys):
     assert cli_main(["cache", "info", str(cache), "--verify"]) == 1
     out = capsys.readouterr().out
     assert f"{shard}: checksum mismatch" in out and "verify: 1 problem(s)" in out
+    cfg = _cfg(tiny_model, synthetic_path, cache, *SYNTHETIC)
+    with pytest.raises(CacheError, match=rf"{cache}: {shard}: checksum mismatch"):
+        open_cache(cache, training_cache(cfg).identity)
+    result = run_scoring(cfg)
+    assert result.scored_shards == 1 and result.skipped_shards == len(_shard_hashes(baseline)) - 1
+    assert _shard_hashes(cache) == _shard_hashes(baseline) and verify(cache) == []
