@@ -151,6 +151,10 @@ def iter_pairs(source, *, format: str = "auto", split: str = "train", max_sample
         seen.add(pid)
         report.kept += 1
         yield Pair(id=pid, prompt=prompt, chosen=chosen, rejected=rejected, row=row)
+    if report.kept == 0:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(report.dropped.items()))
+        raise DataError(f"{path}: every one of its {report.rows} rows was dropped ({reasons}): no pairs to use; "
+                        "`dpo-dist data check` lists them")
 
 
 def load_pairs(source, **options) -> tuple[list[Pair], DataReport]:
@@ -530,6 +534,8 @@ def run_data_check(args: argparse.Namespace) -> int:
                             strict=args.strict, report=report):
             pass
     except DataError as e:
+        if report.rows:  # what was read, with the drop reasons and their rows, before the error
+            print(report.summary())
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

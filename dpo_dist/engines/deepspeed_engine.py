@@ -277,6 +277,10 @@ class Engine:
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, ckpt_dir: Path, tag: str) -> dict:
+        """Load a checkpoint with `torch.load(weights_only=True)`: tensors, plain containers and the
+        few DeepSpeed classes its optimizer state holds, nothing else unpickled (DeepSpeed's own
+        loader unpickles anything)."""
+        self.ds.checkpoint_engine.load = weights_only_load
         path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
@@ -287,6 +291,17 @@ class Engine:
         if self.ds.zero_optimization_partition_weights():
             return self.ds._zero3_consolidated_16bit_state_dict()
         return self.ds.module.state_dict() if self.ds.global_rank == 0 else None
+
+
+def weights_only_load(path: str, map_location=None):
+    """torch.load of a DeepSpeed checkpoint file with weights_only=True, allowing by name the classes
+    DeepSpeed writes into optimizer state (its ZeRO stage enum and loss scalers)."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def lr_lambda(warmup: int, total: int, kind: str):

@@ -338,6 +338,14 @@ def test_huge_line_invalid_utf8_and_unreadable_files_are_one_line_errors(tmp_pat
         load_pairs(folder)
 
 
+def test_every_row_dropped_is_an_error_naming_the_reasons(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [dict(PAIRS[0], chosen="5"), dict(PAIRS[1], rejected=" "), dict(PAIRS[0], chosen="5")])
+    with pytest.raises(DataError) as e:
+        load_pairs(path)
+    assert str(e.value) == (f"{path}: every one of its 3 rows was dropped (empty_response 1, identical_responses 2): "
+                            "no pairs to use; `dpo-dist data check` lists them")
+
+
 def test_missing_source(tmp_path):
     for name in ("nope.jsonl", "nope/{split}.parquet", "some/dir/nope"):
         path = str(tmp_path / name).replace("{split}", "train")
