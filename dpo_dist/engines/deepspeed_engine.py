@@ -294,14 +294,37 @@ class Engine:
 
 
 def weights_only_load(path: str, map_location=None):
-    """torch.load of a DeepSpeed checkpoint file with weights_only=True, allowing by name the classes
-    DeepSpeed writes into optimizer state (its ZeRO stage enum and loss scalers)."""
-    import torch
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    """torch.load of a DeepSpeed checkpoint file with weights_only=True. DeepSpeed writes a few of
+    its own plain data classes into optimizer state (the ZeRO stage enum, loss scalers, fragment
+    addresses; more in other configurations): a class from the `deepspeed` package that is an enum,
+    a dataclass or a loss scaler is allowed by name when the file names it; anything else is
+    refused, naming it."""
+    import dataclasses
+    import enum
+    import importlib
+    import pickle
+    import re
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScalerBase
+
+    allowed: list = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            name = found.group(1) if found else None
+            obj = None
+            if name and name.startswith("deepspeed."):
+                module, _, attr = name.rpartition(".")
+                obj = getattr(importlib.import_module(module), attr, None)
+            plain = isinstance(obj, type) and (issubclass(obj, (enum.Enum, LossScalerBase)) or dataclasses.is_dataclass(obj))
+            if not plain or obj in allowed:
+                raise pickle.UnpicklingError(f"{path}: holds {name or 'an object'} that a weights-only load refuses "
+                                             "(not plain data); not loading it") from None
+            allowed.append(obj)
 
 
 def lr_lambda(warmup: int, total: int, kind: str):
