@@ -52,14 +52,20 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
 
 class ActorPool:
     """`n_actors` actors with `slots` tasks in flight each (two: an actor's next task is queued while
-    the driver writes its last result). A dead actor is killed and replaced once; the replacement
-    inherits its slots, and each of its tasks is retried, at most `max_retries` times per task."""
+    the driver writes its last result). When an actor dies (its process killed, its node lost) it is
+    killed and replaced once, and each of its tasks is retried, at most `max_retries` times per task,
+    on whichever actor is free first: a survivor, or the replacement once Ray has placed it. So a
+    replacement that cannot be placed (the node and its GPUs are gone) never holds up the work; only
+    when no actor is left and none is placed within `place_timeout_s` does the run fail, saying so."""
 
     def __init__(self, ray, new_actor: Callable[[], object], n_actors: int, *, max_retries: int,
-                 slots: int = 2, say: Callable[[str], object] = print):
+                 slots: int = 2, say: Callable[[str], object] = print, place_timeout_s: float = 600.0):
         self.ray, self.new_actor, self.max_retries, self.say = ray, new_actor, max_retries, say
+        self.slots, self.place_timeout_s = slots, place_timeout_s
         self.idle = [actor for actor in (new_actor() for _ in range(n_actors)) for _ in range(slots)]
-        self.replaced: dict = {}  # dead actor -> its replacement
+        self.dead: set = set()
+        self.placing: dict = {}  # readiness ref of a replacement actor -> the actor
+        self.retry: list = []  # tasks of dead actors, submitted before new ones
         self.in_flight: dict = {}  # ObjectRef -> (actor, task)
         self.attempts: dict[int, int] = {}  # id(task) -> failed attempts
 
@@ -69,11 +75,24 @@ class ActorPool:
         and yield (task, result) as results arrive. A UserError raised in an actor is raised here as
         the same type, prefixed with `where(task)` when given; `name(task)` names a task in messages."""
         self._call = call
-        for task in tasks:
-            while not self.idle:
-                yield from self._wait_one(name, where)
-            self._submit(self.idle.pop(), task)
-        while self.in_flight:
+        try:
+            for task in tasks:
+                yield from self._until_idle(name, where)
+                self._submit(self.idle.pop(), task)
+            while self.retry or self.in_flight:
+                yield from self._until_idle(name, where) if self.retry else self._wait_one(name, where)
+        finally:
+            for actor in self.placing.values():  # not needed any more
+                self.ray.kill(actor, no_restart=True)
+            self.placing.clear()
+
+    def _until_idle(self, name, where) -> Iterator[tuple[object, object]]:
+        """Wait until a slot is free, handing retries the free slots first."""
+        while True:
+            while self.retry and self.idle:
+                self._submit(self.idle.pop(), self.retry.pop(0))
+            if self.idle and not self.retry:
+                return
             yield from self._wait_one(name, where)
 
     def _submit(self, actor, task) -> None:
@@ -82,7 +101,21 @@ class ActorPool:
     def _wait_one(self, name, where) -> Iterator[tuple[object, object]]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-        ready, _ = self.ray.wait(list(self.in_flight), num_returns=1)
+        waiting = list(self.in_flight) + list(self.placing)
+        timeout = None if self.in_flight else self.place_timeout_s
+        ready = self.ray.wait(waiting, num_returns=1, timeout=timeout)[0] if waiting else []
+        if not ready:
+            raise RuntimeError(f"no actor left, and none could be placed in {self.place_timeout_s:.0f} s (did the "
+                               f"cluster lose the nodes or GPUs they need? `ray status`); {len(self.retry)} task(s) "
+                               f"not done, e.g. {name(self.retry[0])}; rerun to finish (done work is kept)")
+        if ready[0] in self.placing:
+            actor = self.placing.pop(ready[0])
+            try:
+                self.ray.get(ready[0])
+                self.idle += [actor] * self.slots
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                pass  # the replacement died too; its would-be tasks wait for the others
+            return
         actor, task = self.in_flight.pop(ready[0])
         try:
             out = self.ray.get(ready[0])
@@ -95,11 +128,14 @@ class ActorPool:
             if attempts > self.max_retries:
                 cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise RuntimeError(f"{name(task)}: actor died {attempts} times; giving up ({cause})") from None
-            self.say(f"actor died on {name(task)}; replacing it and retrying (attempt {attempts + 1})")
-            if actor not in self.replaced:  # its other in-flight task fails too: replace it once
+            self.say(f"actor died on {name(task)}; retrying it (attempt {attempts + 1}) and replacing the actor")
+            if actor not in self.dead:  # its other in-flight task fails too: replace it once
+                self.dead.add(actor)
+                self.idle = [a for a in self.idle if a is not actor]
                 self.ray.kill(actor, no_restart=True)
-                self.replaced[actor] = self.new_actor()
-            self._submit(self.replaced[actor], task)
+                replacement = self.new_actor()
+                self.placing[replacement.__ray_ready__.remote()] = replacement
+            self.retry.append(task)
             return
         self.attempts.pop(id(task), None)
         self.idle.append(actor)

@@ -333,6 +333,47 @@ def _listening(procs) -> set[tuple[str, str]]:
             if c.status == psutil.CONN_LISTEN and c.pid in pids}
 
 
+def test_work_goes_on_when_a_lost_actor_cannot_be_replaced(ray_cluster):
+    """A node lost with its GPUs: the dead actor's replacement can never be placed (it needs a
+    resource no node has any more). Its tasks are retried on the survivor and every result arrives;
+    with no survivor, the run fails after place_timeout_s with a message instead of waiting forever."""
+    from dpo_dist.engines.ray_pool import ActorPool
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Doubler:
+        def work(self, x):
+            time.sleep(0.05)
+            return 2 * x
+
+    made = []
+
+    def new_actor():
+        gone = {"resources": {"gpu_of_the_lost_node": 1}} if len(made) >= 2 else {}
+        made.append(Doubler.options(**gone).remote())
+        return made[-1]
+
+    said = []
+    pool = ActorPool(ray, new_actor, 2, max_retries=2, say=said.append, place_timeout_s=2)
+    results = {}
+    for task, out in pool.run(range(30), lambda actor, x: actor.work.remote(x), name=lambda x: f"task {x}"):
+        results[task] = out
+        if len(results) == 3:
+            ray.kill(made[0], no_restart=True)  # its node is gone
+    assert results == {x: 2 * x for x in range(30)}
+    assert said and all("actor died on task" in line for line in said) and len(made) == 3
+
+    made.clear()
+    pool = ActorPool(ray, new_actor, 2, max_retries=2, say=said.append, place_timeout_s=2)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"no actor left, and none could be placed in 2 s .* not done, e\.g\. task \d+"):
+        for _, _ in pool.run(range(30), lambda actor, x: actor.work.remote(x), name=lambda x: f"task {x}"):
+            for actor in made[:2]:
+                ray.kill(actor, no_restart=True)
+    assert time.monotonic() - start < 30
+
+
 def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthetic_path, tmp_path):
     """SIGKILL `dpo-dist score` after a few shards; the rerun skips them and ends with the same bytes.
     While it runs, every socket its embedded Ray listens on (GCS, raylet, workers, agents) is on the
