@@ -137,10 +137,14 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
 def failure_line(cfg: Config, stage: str, code: int) -> str:
     """One line after torchrun's report of a failed run: what failed, and where a rerun resumes."""
     from dpo_dist.engines.checkpoints import latest_complete
+    from dpo_dist.engines.deepspeed_engine import FULL_DISK_MIB, disk_free_mib
 
     ckpt_dir = (cfg.sft_dir() if stage == "sft" else Path(cfg.output_dir)) / "checkpoints"
     latest = latest_complete(ckpt_dir)
     how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ else f"exit {code}"
+    free = disk_free_mib(ckpt_dir)
+    if free is not None and free < FULL_DISK_MIB:
+        how += f"; the disk holding {ckpt_dir} is full ({free:.0f} MiB free): free space first"
     where = (f"the last complete checkpoint, {ckpt_dir / f'step-{latest}'}" if latest is not None
              else "the start (no complete checkpoint yet)")
     return (f"[dpo-dist] {'SFT' if stage == 'sft' else 'training'} failed ({how}): a rank died or raised (its error is "

@@ -273,8 +273,16 @@ class Engine:
         self.ds.eval()
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
-        """Every rank writes its shard under ckpt_dir/tag; the caller marks it complete (checkpoints.py)."""
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        """Every rank writes its shard under ckpt_dir/tag; the caller marks it complete (checkpoints.py).
+        A full disk is said in plain words (torch.save reports it as a zip writer position error)."""
+        try:
+            self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            free = disk_free_mib(ckpt_dir)
+            if free is not None and free < FULL_DISK_MIB:
+                raise RuntimeError(f"{ckpt_dir / tag}: the disk is full ({free:.0f} MiB free) while writing this checkpoint; "
+                                   "it is incomplete and will not be used, the previous complete one is intact") from e
+            raise
 
     def load(self, ckpt_dir: Path, tag: str) -> dict:
         """Load a checkpoint with `torch.load(weights_only=True)`: tensors, plain containers and the
@@ -291,6 +299,22 @@ class Engine:
         if self.ds.zero_optimization_partition_weights():
             return self.ds._zero3_consolidated_16bit_state_dict()
         return self.ds.module.state_dict() if self.ds.global_rank == 0 else None
+
+
+FULL_DISK_MIB = 64  # less free than this after a failed write: the write failed because the disk is full
+
+
+def disk_free_mib(path: Path) -> float | None:
+    """Free MiB on the filesystem holding `path` (or its nearest existing parent); None if unknown."""
+    import shutil
+
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free / 2**20
+    except OSError:
+        return None
 
 
 def weights_only_load(path: str, map_location=None):

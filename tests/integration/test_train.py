@@ -367,7 +367,7 @@ def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
     #    and 4. rank 1 SIGKILLed in the middle of step 14: the job fails at once, saying from where a rerun goes on
     killed = run(DPO + ["train", "--resume", *args], work, {"DPO_DIST_KILL_IN_STEP": "14:1"}, check=False)
     said = killed.stdout + killed.stderr
-    previous = 12 if step > 12 else 4
+    previous = 12 if step > 12 else 8  # keep_last=2: step-4 went when step-12 was saved
     assert f"checkpoint step-{step} is damaged ({shard.relative_to(work)}: checksum mismatch" in said, said[-3000:]
     assert f"resuming at step {previous}" in said and (out / "checkpoints" / f"damaged-step-{step}").is_dir()
     assert killed.returncode != 0 and killed.stderr.strip().splitlines()[-1] == (
@@ -386,6 +386,36 @@ def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
     assert "resuming at step 16" in longer.stdout + longer.stderr
     assert json.loads((out / "final_metrics.json").read_text())["steps"] == 18
     assert json.loads((out / "final_metrics.step-16.json").read_text())["steps"] == 16
+
+
+def test_disk_full_while_saving_then_resume_with_zero_stage0_on_one_process(work):
+    """ZeRO stage 0 on one process (what one GPU should run), the run folder on a real tmpfs sized so
+    that step-4's checkpoint fits and step-6's does not: the save fails with the disk named, the
+    failure line says where a rerun continues (step-4, intact); with space freed, --resume ends the run."""
+    disk = work / "small_disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        args = base(str(disk / "run"), "train.num_procs=1", f"train.deepspeed_config={REPO}/ds_configs/zero0_bf16.json",
+                    "train.save_steps=2", "train.eval_steps=0", "train.sample_prompts=0", "export.enabled=false")
+        run(DPO + ["train", *args, "train.max_steps=2"], work)
+        step2 = sum(p.stat().st_size for p in (disk / "run" / "checkpoints" / "step-2").rglob("*") if p.is_file())
+        used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
+        subprocess.run(["mount", "-o", f"remount,size={(used + step2 * 3 // 2) // 1024 + 64}k", str(disk)], check=True)
+        full = run(DPO + ["train", "--resume", *args, "train.max_steps=8"], work, check=False)
+        ckpts = disk / "run" / "checkpoints"
+        assert full.returncode != 0 and f"{ckpts / 'step-6'}: the disk is full" in full.stderr, full.stderr[-3000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert f"the disk holding {ckpts} is full" in last and last.endswith(f"last complete checkpoint, {ckpts / 'step-4'}"), last
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = run(DPO + ["train", "--resume", *args, "train.max_steps=8"], work)
+        said = resumed.stdout + resumed.stderr
+        assert "removed unfinished checkpoint(s) step-6" in said and "resuming at step 4" in said and "ZeRO stage 0" in said
+        assert json.loads((disk / "run" / "final_metrics.json").read_text())["steps"] == 8
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_sweep_trains_each_run_from_one_cache(work):
