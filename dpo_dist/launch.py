@@ -110,6 +110,10 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
     if not has_gpu:  # share the cores: torchrun does not set OMP_NUM_THREADS on its own
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning:deepspeed")
+    # The ranks JIT-build DeepSpeed's ops with the `ninja` on PATH: this interpreter's (the venv's)
+    # first, so that `.venv/bin/dpo-dist` run without an activated venv builds with the same ninja
+    # as an activated shell; two ninjas record the same build differently and rebuild it in turn.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     args = ["--stage", stage] + (["--config", config_path] if config_path else []) + list(overrides)
     args += (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
     args += ["--base-dir", base_dir] if base_dir else []
