@@ -20,6 +20,8 @@ DEMO_OVERRIDES := data.train=$(abspath $(DATA)) data.eval= data.eval_fraction=0.
                   data.max_samples=600 output_dir=$(DEMO)/run-data cache_dir=$(DEMO)/cache-data
 endif
 export HF_HUB_OFFLINE ?= 1
+# The venv's tools first (its ninja builds DeepSpeed's JIT ops; another ninja would rebuild them).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install test test-fast demo paper-demo bench clean
 
