@@ -131,12 +131,16 @@ def set_aside_damaged(ckpt_dir: Path) -> list[str]:
 
 
 def maybe_killed(point: str, step: int, dist: Dist) -> None:
-    """Failure injection for tests: DPO_DIST_KILL_<POINT>=<step>:<rank> SIGKILLs that rank there.
-    Points: DURING_SAVE (its shard written, the checkpoint not yet marked complete) and IN_STEP
-    (mid-step, after its first backward)."""
-    spec = os.environ.get(f"DPO_DIST_KILL_{point}", "")
-    if spec and spec == f"{step}:{dist.rank}":
+    """Failure injection for tests: DPO_DIST_KILL_<POINT>=<step>:<rank> SIGKILLs that rank there;
+    DPO_DIST_HANG_<POINT>=<step>:<rank> makes it hang there (alive, never reaching the next
+    collective). Points: DURING_SAVE (its shard written, the checkpoint not yet marked complete)
+    and IN_STEP (mid-step, after its first backward)."""
+    here = f"{step}:{dist.rank}"
+    if os.environ.get(f"DPO_DIST_KILL_{point}") == here:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(f"DPO_DIST_HANG_{point}") == here:
+        while True:
+            signal.pause()
 
 
 class StopFlag:

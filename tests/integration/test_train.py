@@ -388,6 +388,19 @@ def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
     assert json.loads((out / "final_metrics.step-16.json").read_text())["steps"] == 16
 
 
+def test_a_hung_rank_fails_the_job_after_the_collective_timeout(work):
+    """Rank 1 hangs (alive, never reaching the next collective) in step 3: rank 0's collective times
+    out after train.collective_timeout_s, the job ends (torchrun stops the hung rank after the stop
+    grace) with the line saying where a rerun continues: no endless wait."""
+    args = base("run_hang", "train.max_steps=6", "train.save_steps=2", "train.eval_steps=0", "train.sample_prompts=0",
+                "export.enabled=false", "train.collective_timeout_s=15")
+    start = time.monotonic()
+    hung = run(DPO + ["train", *args], work, {"DPO_DIST_HANG_IN_STEP": "3:1", "DPO_DIST_STOP_GRACE": "5"}, check=False)
+    assert hung.returncode != 0 and time.monotonic() - start < 150
+    assert "Timed out waiting 15000ms" in hung.stderr, hung.stderr[-3000:]
+    assert hung.stderr.strip().splitlines()[-1].endswith("to continue from the last complete checkpoint, run_hang/checkpoints/step-2")
+
+
 def test_disk_full_while_saving_then_resume_with_zero_stage0_on_one_process(work):
     """ZeRO stage 0 on one process (what one GPU should run), the run folder on a real tmpfs sized so
     that step-4's checkpoint fits and step-6's does not: the save fails with the disk named, the
