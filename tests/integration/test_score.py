@@ -374,6 +374,68 @@ def test_work_goes_on_when_a_lost_actor_cannot_be_replaced(ray_cluster):
     assert time.monotonic() - start < 30
 
 
+def _ray_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start ... --block` in its own session: the Popen is the node, its children its processes."""
+    ports = _free_ports(4)
+    return subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+         "--dashboard-agent-listen-port", str(ports[0]), "--dashboard-agent-grpc-port", str(ports[1]),
+         "--runtime-env-agent-port", str(ports[2]), "--metrics-export-port", str(ports[3]), "--disable-usage-stats", *args],
+        env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_node(node: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    procs = psutil.Process(node.pid).children(recursive=True) if node.poll() is None else []
+    node.send_signal(sig)
+    try:
+        node.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        node.kill()
+    _kill_pids([p for p in procs if p.is_running()])
+
+
+def test_a_worker_node_lost_mid_run_the_work_finishes_on_the_others(baseline, tiny_model, synthetic_path, tmp_path):
+    """Two Ray nodes (a head and a worker joined to it, 1 CPU each, one scoring actor each). The
+    worker node is SIGKILLed mid-run, with its actor: its shards are retried on the head's actor,
+    the replacement actor (no CPU left anywhere) is never placed and never waited for, and the cache
+    ends byte-identical to a clean run's."""
+    gcs, = _free_ports(1)
+    ray_tmp = tempfile.mkdtemp(prefix="dpoN", dir="/tmp")
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    head = _ray_node(["--head", "--port", str(gcs), "--include-dashboard", "false"], env, tmp_path / "head.log")
+    worker = None
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while status is None or status.count(" node_") < 2:  # `ray status`: one " 1 node_<id>" line per node
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            if worker is None and (tmp_path / "head.log").read_text().count("Ray runtime started") >= 1:
+                worker = _ray_node(["--address", f"127.0.0.1:{gcs}"], env, tmp_path / "worker.log")
+            if worker is not None:
+                status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", f"127.0.0.1:{gcs}"], env=env,
+                                        capture_output=True, text=True, timeout=60).stdout
+            assert time.monotonic() < deadline, f"2 Ray nodes not up in 90 s: {status}"
+            time.sleep(1)
+        cache = tmp_path / "cache"
+        log = open(tmp_path / "score.log", "wb")
+        driver = subprocess.Popen([str(VENV_BIN / "dpo-dist"), "score", *_overrides(tiny_model, synthetic_path, cache, *SYNTHETIC)],
+                                  env=dict(env, RAY_ADDRESS=f"127.0.0.1:{gcs}"), stdout=log, stderr=subprocess.STDOUT)
+        while _manifest_shards(cache) < 3:
+            assert driver.poll() is None, (tmp_path / "score.log").read_text()[-3000:]
+            assert time.monotonic() < deadline + 120
+            time.sleep(0.05)
+        _stop_node(worker, signal.SIGKILL)  # the node and everything on it, at once
+        assert driver.wait(timeout=300) == 0, (tmp_path / "score.log").read_text()[-3000:]
+    finally:
+        if worker is not None:
+            _stop_node(worker, signal.SIGKILL)
+        _stop_node(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    said = (tmp_path / "score.log").read_text()
+    assert "actor died on shard" in said, said[-3000:]
+    assert _shard_hashes(cache) == _shard_hashes(baseline) and verify(cache) == []
+
+
 def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthetic_path, tmp_path):
     """SIGKILL `dpo-dist score` after a few shards; the rerun skips them and ends with the same bytes.
     While it runs, every socket its embedded Ray listens on (GCS, raylet, workers, agents) is on the
