@@ -140,3 +140,33 @@ class ActorPool:
         self.attempts.pop(id(task), None)
         self.idle.append(actor)
         yield task, out
+
+
+def listening_addresses(slurm_job: str | None = None) -> dict[str, set[str]]:
+    """Address -> names of the Ray processes of this machine listening on it (GCS, raylet, workers,
+    agents); with `slurm_job`, only those started by that Slurm job (SLURM_JOB_ID in their environment)."""
+    import psutil
+
+    found: dict[str, set[str]] = {}
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            command = " ".join(proc.info["cmdline"] or [])
+            if not (proc.info["name"] in ("gcs_server", "raylet") or "ray::" in command or "/ray/" in command):
+                continue
+            if slurm_job is not None and proc.environ().get("SLURM_JOB_ID") != slurm_job:
+                continue
+            for conn in proc.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.setdefault(conn.laddr.ip, set()).add(proc.info["name"])
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+if __name__ == "__main__":  # slurm/dpo_hh.sbatch: python -m dpo_dist.engines.ray_pool listening JOB_ID
+    import sys
+
+    if sys.argv[1:2] != ["listening"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m dpo_dist.engines.ray_pool listening SLURM_JOB_ID")
+    for address, names in sorted(listening_addresses(sys.argv[2]).items()):
+        print(address, ",".join(sorted(names)))

@@ -63,6 +63,11 @@ def test_sbatch_scores_on_two_ray_nodes_and_trains_on_two_slurm_nodes(first_job,
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert "Ray cluster up" in text and "2 node(s)" in text, text
     assert "slurm_node_n1" in text and "slurm_node_n2" in text, text  # from `ray status`
+    # where the job's Ray processes listen is checked and logged: Ray 2.60 puts a cluster node's GCS
+    # and raylet on every interface (`ray start` turns 127.0.0.1 into the machine's address), which
+    # the job accepts only because the token is enforced (without it: the next test)
+    assert re.search(r"Ray listens on \S.* besides 127\.0\.0\.1 \(Ray's choice for a cluster node\); token "
+                     r"authentication guards them", text), text
     assert "reference scoring done" in text, text
     # Ray is stopped on purpose: its steps end with exit 0, srun reports nothing
     assert "Ray stopped (expected)" in text, text
@@ -77,6 +82,21 @@ def test_sbatch_scores_on_two_ray_nodes_and_trains_on_two_slurm_nodes(first_job,
     assert "world 2 (cpu)" in text, text
     assert "dpo-dist run finished" in text and "tensorboard --logdir" in text, text
     assert text.rstrip().splitlines()[-1].strip() == f"look at it:  tensorboard --logdir {work / 'run' / 'tb'}", text[-3000:]
+
+
+def test_ray_without_its_token_is_refused_once_it_listens_beyond_loopback(slurm_cluster, work):
+    """RAY_AUTH=disabled with a loopback head (allowed to start): the job sees its Ray listening on
+    other interfaces too, and refuses before any scoring is submitted."""
+    c = slurm_cluster
+    out = work / "noauth.out"
+    env = _env(c, work, output_dir="run_noauth", cache="cache_noauth")  # a cache nobody scored: Ray starts
+    env["RAY_AUTH"] = "disabled"
+    info = c.wait(_sbatch(c, env, out), timeout=300)
+    text = out.read_text(errors="replace")
+    assert info["JobState"] == "FAILED", (info, text)
+    assert "Ray token authentication DISABLED" in text and re.search(
+        r"Ray listens on \S.* without authentication: refused", text), text
+    assert "reference scoring done" not in text and not (work / "cache_noauth" / "manifest.json").exists(), text
 
 
 def test_tensorboard_and_export(first_job, work):
