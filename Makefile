@@ -21,7 +21,7 @@ DEMO_OVERRIDES := data.train=$(abspath $(DATA)) data.eval= data.eval_fraction=0.
 endif
 export HF_HUB_OFFLINE ?= 1
 # The venv's tools first (its ninja builds DeepSpeed's JIT ops; another ninja would rebuild them).
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install test test-fast demo paper-demo bench clean
 
