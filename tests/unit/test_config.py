@@ -34,6 +34,7 @@ def test_derived_values():
     (["loss.loss_type=dpo"], "override loss.loss_type=dpo: loss.loss_type: unknown loss_type 'dpo'"),
     (["loss.params={gamma: 1}"], "override loss.params={gamma: 1}: loss.params: unknown parameter 'gamma'"),
     (["nonsense"], "expected KEY=VALUE"),
+    (["loss.params={gamma: [1"], r"override loss.params=\{gamma: \[1: invalid YAML value \("),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
