@@ -105,9 +105,10 @@ class ActorPool:
         timeout = None if self.in_flight else self.place_timeout_s
         ready = self.ray.wait(waiting, num_returns=1, timeout=timeout)[0] if waiting else []
         if not ready:
+            example = f", e.g. {name(self.retry[0])}" if self.retry else ""
             raise RuntimeError(f"no actor left, and none could be placed in {self.place_timeout_s:.0f} s (did the "
                                f"cluster lose the nodes or GPUs they need? `ray status`); {len(self.retry)} task(s) "
-                               f"not done, e.g. {name(self.retry[0])}; rerun to finish (done work is kept)")
+                               f"not done{example}; rerun to finish (done work is kept)")
         if ready[0] in self.placing:
             actor = self.placing.pop(ready[0])
             try:
