@@ -277,10 +277,10 @@ class Engine:
         A full disk is said in plain words (torch.save reports it as a zip writer position error)."""
         try:
             self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        except (OSError, RuntimeError) as e:
-            free = disk_free_mib(ckpt_dir)
-            if free is not None and free < FULL_DISK_MIB:
-                raise RuntimeError(f"{ckpt_dir / tag}: the disk is full ({free:.0f} MiB free) while writing this checkpoint; "
+        except Exception as e:
+            full = disk_full(e, ckpt_dir)
+            if full:
+                raise RuntimeError(f"{ckpt_dir / tag}: {full} while writing this checkpoint; "
                                    "it is incomplete and will not be used, the previous complete one is intact") from e
             raise
 
@@ -315,6 +315,30 @@ def disk_free_mib(path: Path) -> float | None:
         return shutil.disk_usage(path).free / 2**20
     except OSError:
         return None
+
+
+def disk_full(error: BaseException, path: Path) -> str | None:
+    """'the disk is full (N MiB free)' (or 'the disk quota is exceeded') when `error`, raised while
+    writing under `path`, came from there being no room; else None. Call it before removing the
+    partial files. Writers say it three ways: an OSError with ENOSPC or EDQUOT (json, tokenizers), a
+    SafetensorError whose text ends `(os error 28)` (no errno), a torch.save zip writer position
+    error (nothing at all: then less than FULL_DISK_MIB free is the sign)."""
+    import errno
+    import re
+
+    free = disk_free_mib(path)
+    full = f"the disk is full ({free:.0f} MiB free)" if free is not None else "the disk is full"
+    seen: BaseException | None = error
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        said = re.search(r"\(os error (\d+)\)", str(seen))
+        code = code if code is not None else int(said.group(1)) if said else None
+        if code == errno.EDQUOT:
+            return "the disk quota is exceeded"
+        if code == errno.ENOSPC:
+            return full
+        seen = seen.__cause__ or seen.__context__
+    return full if free is not None and free < FULL_DISK_MIB else None
 
 
 def weights_only_load(path: str, map_location=None):

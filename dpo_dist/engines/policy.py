@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpo_dist.config import LoraConfig, ModelConfig
+from dpo_dist.core.cache import DiskFullError
 from dpo_dist.core.removal import remove_tree
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, barrier, precision, release_zero3, zero3_init
+from dpo_dist.engines.deepspeed_engine import (Dist, Engine, disk_full, on_main, precision, release_zero3,
+                                              zero3_init)
 
 
 def load_policy(model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, ds_config: dict):
@@ -47,46 +49,70 @@ def export_model(engine: Engine, model_cfg: ModelConfig, lora: LoraConfig, polic
     With LoRA: the adapter at `out` (and the merged model in `out/merged` when lora.merge_on_export);
     `merged_at_top` puts the merged full model at `out` and the adapter in `out/adapter` instead, for
     a stage whose export must be a full model (SFT: the next stage's reference). Collective.
+
+    Written to `out.tmp`, which replaces `out` once complete: a failure (a full disk: DiskFullError,
+    on every rank) removes the partial folder and leaves the previous export as it was.
     """
     state = engine.full_state_dict()  # collective: every rank must call it
-    if dist.is_main:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from dpo_dist.models import load_causal_lm, load_config
-
-        release_zero3()
-        trust = model_cfg.trust_remote_code
-        original = load_config(policy_dir, trust_remote_code=trust)
-        tmp = out.with_name(out.name + ".tmp")
-        remove_tree(tmp, out.parent)
-        if lora.enabled:
-            adapter_dir = tmp / "adapter" if merged_at_top else tmp
-            engine.module.save_pretrained(str(adapter_dir), state_dict={k: v.cpu() for k, v in state.items()})
-            if lora.merge_on_export or merged_at_top:
-                from peft import PeftModel
-
-                base = load_causal_lm(policy_dir, dtype=torch.bfloat16, attn_implementation=model_cfg.attn_implementation,
-                                      trust_remote_code=trust)
-                merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-                _ready_for_generation(merged, original)
-                merged_dir = tmp if merged_at_top else tmp / "merged"
-                merged.save_pretrained(str(merged_dir), safe_serialization=True)
-                tokenizer.save_pretrained(str(merged_dir))
-        else:
-            model = AutoModelForCausalLM.from_config(engine.module.config, dtype=torch.bfloat16, trust_remote_code=trust)
-            missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
-            missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", []) and "lm_head" not in k]
-            if missing or unexpected:
-                raise RuntimeError(f"export: gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-            model.generation_config = engine.module.generation_config
-            _ready_for_generation(model, original)
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        remove_tree(out, out.parent)
-        tmp.rename(out)
-    barrier(dist)
+    on_main(dist, lambda: _write_export(engine, state, model_cfg, lora, policy_dir, out, tokenizer, merged_at_top))
     return out
+
+
+def _write_export(engine: Engine, state: dict, model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, out: Path,
+                  tokenizer, merged_at_top: bool) -> None:
+    """Rank 0's part of export_model."""
+    from dpo_dist.models import load_config
+
+    release_zero3()
+    original = load_config(policy_dir, trust_remote_code=model_cfg.trust_remote_code)
+    tmp = out.with_name(out.name + ".tmp")
+    remove_tree(tmp, out.parent)
+    try:
+        _write_folder(engine, state, model_cfg, lora, policy_dir, tmp, tokenizer, merged_at_top, original)
+    except Exception as e:
+        full = disk_full(e, tmp)  # before the partial folder, which holds the space, is removed
+        remove_tree(tmp, out.parent)
+        if full:
+            before = "the previous export there is intact" if out.exists() else "there was no earlier export"
+            raise DiskFullError(f"{out}: {full} while writing this export; the partial {tmp.name} was removed and "
+                                f"{before}; the checkpoints are untouched: free space, then rerun with --resume "
+                                "to export again") from e
+        raise
+    remove_tree(out, out.parent)
+    tmp.rename(out)
+
+
+def _write_folder(engine: Engine, state: dict, model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, tmp: Path,
+                  tokenizer, merged_at_top: bool, original) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist.models import load_causal_lm
+
+    trust = model_cfg.trust_remote_code
+    if lora.enabled:
+        adapter_dir = tmp / "adapter" if merged_at_top else tmp
+        engine.module.save_pretrained(str(adapter_dir), state_dict={k: v.cpu() for k, v in state.items()})
+        if lora.merge_on_export or merged_at_top:
+            from peft import PeftModel
+
+            base = load_causal_lm(policy_dir, dtype=torch.bfloat16, attn_implementation=model_cfg.attn_implementation,
+                                  trust_remote_code=trust)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+            _ready_for_generation(merged, original)
+            merged_dir = tmp if merged_at_top else tmp / "merged"
+            merged.save_pretrained(str(merged_dir), safe_serialization=True)
+            tokenizer.save_pretrained(str(merged_dir))
+    else:
+        model = AutoModelForCausalLM.from_config(engine.module.config, dtype=torch.bfloat16, trust_remote_code=trust)
+        missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
+        missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", []) and "lm_head" not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"export: gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.generation_config = engine.module.generation_config
+        _ready_for_generation(model, original)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
 
 
 def _ready_for_generation(model, original) -> None:

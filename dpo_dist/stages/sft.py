@@ -69,8 +69,15 @@ def sft_complete(cfg: Config, world_size: int) -> bool:
     if not ident.has_run(out):
         return False
     ident.check_run(out, identity)
-    final = out / FINAL
-    return (final.is_file() and json.loads(final.read_text()).get("steps") == identity["sft.steps"]
+    return ended_at(cfg, identity["sft.steps"])
+
+
+def ended_at(cfg: Config, steps: int) -> bool:
+    """The SFT folder's final_metrics.json is that of a run of `steps` steps, its export beside it.
+    The metrics are written after the export, so a failed export (a full disk) leaves an earlier,
+    shorter end's: not this one."""
+    final = cfg.sft_dir() / FINAL
+    return (final.is_file() and json.loads(final.read_text()).get("steps") == steps
             and (cfg.sft_export_dir() / "config.json").is_file())
 
 
@@ -96,9 +103,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)}")
     if ident.read_run(out) != identity:
         ident.write_run(out, identity, {"base": cfg.model.name_or_path, "data.train": cfg.data.train, "created": ident.now()})
-    final = out / FINAL
-    finished = (resume and latest == identity["sft.steps"] and final.is_file()
-                and (cfg.sft_export_dir() / "config.json").is_file())
+    finished = resume and latest == identity["sft.steps"] and ended_at(cfg, identity["sft.steps"])
     return SFTPrepared(base_dir, tokenizer_dir, identity, latest if resume else None, finished, notes)
 
 
@@ -247,7 +252,8 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                  "export_dir": str(export)}
         if dist.is_main:
             cache_mod.atomic_write_bytes(out / FINAL, json.dumps(final, indent=2).encode())
-            print(f"[dpo-dist] SFT done: loss {metrics['loss']:.4f}, eval loss {eval_metrics.get('eval_loss', float('nan')):.4f}; "
+            trained = f"loss {metrics['loss']:.4f}, " if metrics else ""  # none when resumed at the end to export again
+            print(f"[dpo-dist] SFT done: {trained}eval loss {eval_metrics.get('eval_loss', float('nan')):.4f}; "
                   f"export {export}", flush=True)
         writer.close()
         return final

@@ -431,6 +431,52 @@ def test_disk_full_while_saving_then_resume_with_zero_stage0_on_one_process(work
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def test_disk_full_while_exporting_keeps_the_previous_export_then_resume_exports(work):
+    """One process, ZeRO stage 0, the run folder on a real tmpfs: a first run exports at step 2; a
+    longer one finds room for step-4's checkpoint and not for its export (safetensors says `os error
+    28`): one line names the export and the full disk, the partial export.tmp is gone, the step-2
+    export is the same bytes and loads; with space freed, --resume re-exports (not "already complete")."""
+    import gc
+    import hashlib
+
+    from transformers import AutoModelForCausalLM
+
+    disk = work / "export_disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        args = base(str(disk / "run"), "train.num_procs=1", f"train.deepspeed_config={REPO}/ds_configs/zero0_bf16.json",
+                    "train.save_steps=2", "train.eval_steps=0", "train.sample_prompts=0")
+        run(DPO + ["train", *args, "train.max_steps=2"], work)
+        export, ckpts = disk / "run" / "export", disk / "run" / "checkpoints"
+
+        def sha() -> str:  # read, not memory-mapped: a mapped file would keep the tmpfs from unmounting
+            return hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
+
+        first = sha()
+        held = {d: sum(p.stat().st_blocks * 512 for p in d.rglob("*") if p.is_file()) // 1024 for d in (ckpts / "step-2", export)}
+        size = shutil.disk_usage(disk).used // 1024 + held[ckpts / "step-2"] + held[export] // 2  # KiB: step-4 fits, its export not
+        subprocess.run(["mount", "-o", f"remount,size={size}k", str(disk)], check=True)
+        full = run(DPO + ["train", "--resume", *args, "train.max_steps=4"], work, check=False)
+        last = full.stderr.strip().splitlines()[-1]
+        assert full.returncode == 2 and last.startswith(f"error: {export}: the disk is full (") and last.endswith(
+            "while writing this export; the partial export.tmp was removed and the previous export there is intact; the "
+            "checkpoints are untouched: free space, then rerun with --resume to export again"), full.stderr[-3000:]
+        assert not (disk / "run" / "export.tmp").exists() and not (disk / "run" / "final_metrics.json").exists()
+        assert sha() == first and AutoModelForCausalLM.from_pretrained(str(export)).config.use_cache
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = run(DPO + ["train", "--resume", *args, "train.max_steps=4"], work)
+        assert "resuming at step 4" in resumed.stdout + resumed.stderr and "already complete" not in resumed.stdout
+        assert json.loads((disk / "run" / "final_metrics.json").read_text())["steps"] == 4
+        assert sha() != first and not (disk / "run" / "export.tmp").exists()
+        assert AutoModelForCausalLM.from_pretrained(str(export)).config.use_cache
+    finally:
+        gc.collect()  # a loaded model's memory-mapped weights would keep the tmpfs busy
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def test_sweep_trains_each_run_from_one_cache(work):
     """`dpo-dist sweep`: two runs, each in its own folder, one shared cache (not rescored); a run
     that changes what the cache depends on is refused before any work."""
