@@ -24,7 +24,7 @@ Per size, in this order:
           line (printed in the first step's forward, after the cache is read and the engine built);
           the wall time of the whole run (it also saves a checkpoint and evaluates the held-out 1%,
           which grows with N) is shown apart. Peak RSS is the rank's (the descendant running
-          launchers/train_dpo.py that is not torch.distributed.run). Each size is trained --repeats
+          launchers/train_dpo.py that is not dpo_dist.torchrun). Each size is trained --repeats
           times (default 3, sizes alternating): the median times and the largest peak are shown.
 Scoring runs for every size first, then the warm-up, then training for every size. The load
 average during each run is recorded (the machine may be shared: it moves wall times, not memory).
@@ -169,7 +169,7 @@ def is_scoring_actor(cmdline: str) -> str | None:
 
 
 def is_training_rank(cmdline: str) -> str | None:
-    return "rank" if "launchers/train_dpo.py" in cmdline and "torch.distributed.run" not in cmdline else None
+    return "rank" if "launchers/train_dpo.py" in cmdline and "dpo_dist.torchrun" not in cmdline else None
 
 
 # ----------------------------------------------------------------------------- the two stages

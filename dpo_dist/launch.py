@@ -34,7 +34,7 @@ def num_procs(cfg: Config) -> tuple[int, bool]:
 
 
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    return [sys.executable, "-m", "dpo_dist.torchrun", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             f"--signals_to_handle={FORWARDED}", f"--shutdown_timeout={GRACE_S}", str(LAUNCHER), *args]
 

@@ -22,7 +22,7 @@ from dpo_dist.quiet import silence_known_noise  # noqa: E402
 silence_known_noise()
 
 from dpo_dist.config import load_config, resolve_paths  # noqa: E402
-from dpo_dist.core.errors import USER_ERRORS  # noqa: E402
+from dpo_dist.core.errors import USER_ERRORS, lost_contact  # noqa: E402
 
 
 def main() -> int:
@@ -65,6 +65,13 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"error: {e}", file=sys.stderr, flush=True)
         return 0 if error_file else 2
+    except Exception as e:  # a collective failed because another rank or node is gone: one line, not a page
+        said = lost_contact(e)
+        if said is None or os.environ.get("DPO_DIST_DEBUG"):
+            raise
+        print(f"[dpo-dist] rank {os.environ.get('RANK', '0')}: {said}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the process group is broken: tearing it down (or leaving it to exit) can hang or abort
     return 0 if result else 1
 
 

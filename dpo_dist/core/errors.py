@@ -12,3 +12,29 @@ class UserError(Exception):
 
 # Besides our own: a missing file or folder named by the user, or one we refuse to overwrite.
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)
+
+
+# What gloo and NCCL say when a collective's peer is gone (its process or node died) or never answers
+# (it hangs, or its node is unreachable): ours to explain in one line, not a page of DeepSpeed frames.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "Connection refused")
+_PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeout", "timed out after")
+
+
+def lost_contact(error: BaseException) -> str | None:
+    """One line for a rank whose collective failed because another rank or its node died or hangs,
+    keeping the backend's own words (first sentence, without its source location); None otherwise."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = str(seen).strip().splitlines()[0] if str(seen).strip() else ""
+        if text.startswith("[") and "] " in text:  # gloo's "[.../pair.cc:553] " source location
+            text = text.split("] ", 1)[1]
+        said = text.split(". ", 1)[0][:300]
+        if any(marker in text for marker in _PEER_GONE):
+            return (f"lost contact with the other ranks ({said}): another rank or its node died; its log says why. "
+                    "This rank stops")
+        if any(marker in text for marker in _PEER_SILENT):
+            return (f"no answer from the other ranks within train.collective_timeout_s ({said}): another rank or "
+                    "its node hangs or is unreachable. This rank stops")
+        seen = seen.__cause__ or seen.__context__
+    return None
