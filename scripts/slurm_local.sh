@@ -17,7 +17,9 @@
 # SLURM_LOCAL_CPUS (2 per node), SLURM_LOCAL_MEM_MB (8000 per node),
 # SLURM_LOCAL_AUTH (auto|munge|none; auto tries munge, then falls back to auth/none),
 # SLURM_LOCAL_TIMEOUT (30 s to wait for both nodes idle),
-# SLURM_LOCAL_CRED_EXPIRE (10 s; also the delay before a requeued job may restart).
+# SLURM_LOCAL_CRED_EXPIRE (10 s; also the delay before a requeued job may restart),
+# SLURM_LOCAL_SLURMD_TIMEOUT (300 s: how long slurmctld waits on a silent slurmd before it marks
+# the node DOWN and requeues its jobs; the node-loss test's own cluster uses a short one).
 # All diagnostics go to stderr; stdout carries only the export line.
 set -euo pipefail
 
@@ -30,6 +32,7 @@ MEM_MB=${SLURM_LOCAL_MEM_MB:-8000}
 AUTH=${SLURM_LOCAL_AUTH:-auto}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-30}
 CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-10}
+SLURMD_TIMEOUT=${SLURM_LOCAL_SLURMD_TIMEOUT:-300}
 NODES=(n1 n2)
 PLUGIN_DIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
 CONF=$STATE_DIR/slurm.conf
@@ -140,7 +143,7 @@ MinJobAge=300
 KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=60
-SlurmdTimeout=300
+SlurmdTimeout=$SLURMD_TIMEOUT
 MessageTimeout=10
 JobRequeue=1
 NodeName=n[1-${#NODES[@]}] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$NODE_PORT-$last_port] CPUs=$NCPUS RealMemory=$MEM_MB State=UNKNOWN

@@ -1,6 +1,7 @@
 """Test helpers shared by unit and integration tests (pytest puts tests/ on sys.path: `import helpers`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,3 +44,23 @@ def write_custom_code_model(llama_dir: Path, out: Path) -> Path:
         "AutoModelForCausalLM": "modeling_dpo_tiny.DpoTinyCustomForCausalLM"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def shard_hashes(cache: Path) -> dict:
+    """(split, index) -> sha256 as the manifest records it, checked against the file on disk."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    out = {}
+    for split, info in manifest["splits"].items():
+        for index, entry in info["shards"].items():
+            assert hashlib.sha256((cache / split / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+            out[(split, int(index))] = entry["sha256"]
+    return out
+
+
+def manifest_shards(cache: Path) -> int:
+    """How many shards the cache's manifest lists so far (0 before it exists or while half-written)."""
+    try:
+        manifest = json.loads((cache / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(len(info["shards"]) for info in manifest["splits"].values())

@@ -6,7 +6,6 @@ Every scoring run of the synthetic data uses the same config (600 pairs, 10% eva
 16 pairs, 2 CPU actors), so every run, interrupted or not, must give byte-identical shards to the
 uninterrupted `baseline` run: the manifest's per-shard sha256 are compared.
 """
-import hashlib
 import json
 import os
 import shlex
@@ -28,6 +27,7 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
 
 from dpo_dist.core.cache import CacheError, load_manifest, open_cache, read_shard, verify  # noqa: E402
+from helpers import manifest_shards, shard_hashes  # noqa: E402
 from dpo_dist.core.identity import training_cache  # noqa: E402
 from dpo_dist.cli import main as cli_main  # noqa: E402
 from dpo_dist.config import load_config  # noqa: E402
@@ -47,25 +47,6 @@ def _overrides(model: Path, data: Path, cache: Path, *extra: str) -> list[str]:
 
 def _cfg(model: Path, data: Path, cache: Path, *extra: str):
     return load_config(None, _overrides(model, data, cache, *extra))
-
-
-def _shard_hashes(cache: Path) -> dict:
-    """(split, index) -> sha256 as the manifest records it, checked against the file on disk."""
-    manifest = json.loads((cache / "manifest.json").read_text())
-    out = {}
-    for split, info in manifest["splits"].items():
-        for index, entry in info["shards"].items():
-            assert hashlib.sha256((cache / split / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
-            out[(split, int(index))] = entry["sha256"]
-    return out
-
-
-def _manifest_shards(cache: Path) -> int:
-    try:
-        manifest = json.loads((cache / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return sum(len(info["shards"]) for info in manifest["splits"].values())
 
 
 def _cmdline(proc) -> str:
@@ -101,7 +82,7 @@ def baseline(ray_cluster, tiny_model, synthetic_path, tmp_path_factory) -> Path:
     result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
     assert result.skipped_shards == 0 and result.pairs == 600
     assert verify(cache) == []
-    assert len(_shard_hashes(cache)) == result.scored_shards > 30
+    assert len(shard_hashes(cache)) == result.scored_shards > 30
     return cache
 
 
@@ -196,10 +177,10 @@ def test_another_shard_size_completes_the_cache_with_its_own(baseline, tiny_mode
     assert not cache_ready(cfg)
     result = run_scoring(cfg)
     assert result.skipped_shards == 10 and verify(cache) == []
-    assert _shard_hashes(cache) == _shard_hashes(baseline)
+    assert shard_hashes(cache) == shard_hashes(baseline)
     assert cache_ready(cfg) and cli_main(["cache", "info", str(cache)]) == 0
     again = run_scoring(cfg)
-    assert again.scored_shards == 0 and again.skipped_shards == len(_shard_hashes(baseline))
+    assert again.scored_shards == 0 and again.skipped_shards == len(shard_hashes(baseline))
 
 
 def test_trust_remote_code_reaches_the_scorer_and_cache_ready(ray_cluster, tiny_model, synthetic_path, tmp_path):
@@ -286,7 +267,7 @@ def test_ray_job_submit_gives_identical_shards(baseline, tiny_model, synthetic_p
             head.kill()
         _kill_pids([p for p in cluster if p.is_running()])
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert _shard_hashes(cache) == _shard_hashes(baseline)
+    assert shard_hashes(cache) == shard_hashes(baseline)
     for split in ("train", "eval"):
         for entry in load_manifest(cache).shard_entries(split):
             assert read_shard(cache / split / entry["name"]).equals(read_shard(baseline / split / entry["name"]))
@@ -304,7 +285,7 @@ def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_mo
     def kill_a_busy_actor():
         me = psutil.Process()
         while not stop.is_set():
-            if _manifest_shards(cache) >= 1:
+            if manifest_shards(cache) >= 1:
                 busy = [p for p in me.children(recursive=True) if _cmdline(p).startswith("ray::RefScorer.score")]
                 if busy:
                     killed["pid"] = busy[0].pid
@@ -323,7 +304,7 @@ def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_mo
     out = capfd.readouterr()
     assert "actor died on shard" in out.out + out.err
     assert result.skipped_shards == 0 and verify(cache) == []
-    assert _shard_hashes(cache) == _shard_hashes(baseline)
+    assert shard_hashes(cache) == shard_hashes(baseline)
 
 
 def _listening(procs) -> set[tuple[str, str]]:
@@ -420,7 +401,7 @@ def test_a_worker_node_lost_mid_run_the_work_finishes_on_the_others(baseline, ti
         log = open(tmp_path / "score.log", "wb")
         driver = subprocess.Popen([str(VENV_BIN / "dpo-dist"), "score", *_overrides(tiny_model, synthetic_path, cache, *SYNTHETIC)],
                                   env=dict(env, RAY_ADDRESS=f"127.0.0.1:{gcs}"), stdout=log, stderr=subprocess.STDOUT)
-        while _manifest_shards(cache) < 3:
+        while manifest_shards(cache) < 3:
             assert driver.poll() is None, (tmp_path / "score.log").read_text()[-3000:]
             assert time.monotonic() < deadline + 120
             time.sleep(0.05)
@@ -433,7 +414,7 @@ def test_a_worker_node_lost_mid_run_the_work_finishes_on_the_others(baseline, ti
         shutil.rmtree(ray_tmp, ignore_errors=True)
     said = (tmp_path / "score.log").read_text()
     assert "actor died on shard" in said, said[-3000:]
-    assert _shard_hashes(cache) == _shard_hashes(baseline) and verify(cache) == []
+    assert shard_hashes(cache) == shard_hashes(baseline) and verify(cache) == []
 
 
 def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthetic_path, tmp_path):
@@ -447,7 +428,7 @@ def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthe
     descendants = []
     try:
         deadline = time.monotonic() + 120
-        while _manifest_shards(cache) < 3:
+        while manifest_shards(cache) < 3:
             assert driver.poll() is None, (tmp_path / "score.log").read_text()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -462,14 +443,14 @@ def test_driver_killed_then_rerun_skips_done_shards(baseline, tiny_model, synthe
     names = {name for _, name in sockets}
     assert {"gcs_server", "raylet"} <= names and len(sockets) >= 5, sockets
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in sockets), sockets
-    done = _shard_hashes(cache)
-    assert 3 <= len(done) < len(_shard_hashes(baseline))
+    done = shard_hashes(cache)
+    assert 3 <= len(done) < len(shard_hashes(baseline))
     assert load_manifest(cache).splits["train"]["num_shards"] is None  # the killed run never finished
 
     result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
     assert result.skipped_shards >= len(done) > 0
-    assert result.skipped_shards + result.scored_shards == len(_shard_hashes(baseline))
-    assert _shard_hashes(cache) == _shard_hashes(baseline)
+    assert result.skipped_shards + result.scored_shards == len(shard_hashes(baseline))
+    assert shard_hashes(cache) == shard_hashes(baseline)
     assert cli_main(["cache", "info", str(cache), "--verify"]) == 0
 
 
@@ -528,5 +509,5 @@ def test_a_corrupted_shard_is_named_refused_and_rescored_alone(baseline, tiny_mo
     with pytest.raises(CacheError, match=rf"{cache}: {shard}: checksum mismatch"):
         open_cache(cache, training_cache(cfg).identity)
     result = run_scoring(cfg)
-    assert result.scored_shards == 1 and result.skipped_shards == len(_shard_hashes(baseline)) - 1
-    assert _shard_hashes(cache) == _shard_hashes(baseline) and verify(cache) == []
+    assert result.scored_shards == 1 and result.skipped_shards == len(shard_hashes(baseline)) - 1
+    assert shard_hashes(cache) == shard_hashes(baseline) and verify(cache) == []

@@ -90,9 +90,9 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def _sh(*args, timeout=600) -> subprocess.CompletedProcess:
+def _sh(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def _running(state_dir: Path) -> bool:
@@ -135,11 +135,7 @@ def slurm_cluster():
     if r.returncode != 0:
         _sh("stop", str(state_dir))
         pytest.fail(f"local Slurm cluster did not start:\n{r.stdout}\n{r.stderr}", pytrace=False)
-    conf = state_dir / "slurm.conf"
-    assert f"export SLURM_CONF={conf}" in r.stdout, r.stdout
-    env = dict(os.environ, SLURM_CONF=str(conf))
-    env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
-    cluster = SlurmCluster(state_dir=state_dir, conf=conf, env=env)
+    cluster = _cluster(state_dir, r)
     cluster.startup_s = time.monotonic() - t0
     try:
         yield cluster
@@ -148,6 +144,33 @@ def slurm_cluster():
             users["count"] -= 1
             if users["count"] == 0 and users["started"]:
                 _sh("stop", str(state_dir))
+
+
+def _cluster(state_dir: Path, started: subprocess.CompletedProcess) -> SlurmCluster:
+    conf = state_dir / "slurm.conf"
+    assert f"export SLURM_CONF={conf}" in started.stdout, started.stdout
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
+    return SlurmCluster(state_dir=state_dir, conf=conf, env=env)
+
+
+@pytest.fixture(scope="module")
+def lossy_cluster(slurm_cluster):
+    """A second 2-node cluster (n1, n2) for a test that loses a node: its own state dir and ports,
+    auth/none (so it never starts or stops the munged of the shared cluster), and SlurmdTimeout=15 s,
+    so that slurmctld marks a silent node DOWN and requeues its job within about half a minute
+    (300 s on the shared cluster, where stopping a node would break the other tests' jobs)."""
+    state_dir = Path(os.environ.get("DPO_SLURM_LOSSY_STATE_DIR", "/tmp/dpo-dist-slurm-lossy"))
+    knobs = dict(os.environ, SLURM_LOCAL_CTLD_PORT="16917", SLURM_LOCAL_NODE_PORT="17101", SLURM_LOCAL_AUTH="none",
+                 SLURM_LOCAL_SLURMD_TIMEOUT="15")
+    r = _sh("start", str(state_dir), timeout=120, env=knobs)
+    if r.returncode != 0:
+        _sh("stop", str(state_dir), env=knobs)
+        pytest.fail(f"the second local Slurm cluster did not start:\n{r.stdout}\n{r.stderr}", pytrace=False)
+    try:
+        yield _cluster(state_dir, r)
+    finally:
+        _sh("stop", str(state_dir), env=knobs)
 
 
 @contextlib.contextmanager
