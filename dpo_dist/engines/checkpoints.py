@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -61,14 +62,16 @@ def save(engine: Engine, ckpt_dir: Path, step: int, state: dict, dist: Dist, kee
     """Every rank writes its shard; then rank 0 writes trainer_state.json, the marker and `latest`,
     and prunes complete checkpoints beyond `keep_last` (0 keeps all). Collective."""
     tag = f"step-{step}"
+    folder = ckpt_dir / tag
     engine.save(ckpt_dir, tag, state)
     maybe_killed("DURING_SAVE", step, dist)
-    barrier(dist)
     if dist.is_main:
-        folder = ckpt_dir / tag
         public = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}
         atomic_write_bytes(folder / "trainer_state.json", json.dumps(public, indent=2).encode())
-        mark_complete(folder, step)
+    barrier(dist)
+    records = file_records(folder, dist)  # collective: every rank hashes the shard files it wrote
+    if dist.is_main:
+        mark_complete(folder, step, records)
         atomic_write_bytes(ckpt_dir / LATEST, f"{tag}\n".encode())
         steps = complete_steps(ckpt_dir)
         for old in steps[:-keep_last] if keep_last > 0 else []:
@@ -79,11 +82,54 @@ def save(engine: Engine, ckpt_dir: Path, step: int, state: dict, dist: Dist, kee
     barrier(dist)
 
 
-def mark_complete(folder: Path, step: int) -> None:
-    """Write the marker, with the size and sha256 of every file of the checkpoint (all ranks')."""
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE}
-    atomic_write_bytes(folder / COMPLETE, json.dumps({"step": step, "files": files}, indent=1).encode())
+# DeepSpeed names the files a rank writes for its share of the optimizer state (and, under ZeRO-3, of
+# the weights) `..zero_pp_rank_<data-parallel rank>_..`: the bulk of a checkpoint, evenly split.
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def rank_of_file(name: str) -> int | None:
+    """The data-parallel rank that wrote a DeepSpeed checkpoint file, or None (shared files)."""
+    found = _RANK_FILE.search(name)
+    return int(found.group(1)) if found else None
+
+
+def _record(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def file_records(folder: Path, dist: Dist) -> dict | None:
+    """Size and sha256 of every file of a checkpoint just written, hashed in parallel where it was
+    written: each rank its own shard files (while they are in its page cache), rank 0 the rest;
+    gathered on rank 0 (None on the others). Collective. One rank alone hashed ~39 GB of Adam
+    state per Pythia-2.8B save (~23 s at 1.7 GB/s); 8 ranks share it."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+    owners = {p: rank_of_file(p.name) for p in files}
+    valid = range(dist.world_size)
+    mine = {p.relative_to(folder).as_posix(): _record(p) for p in files
+            if owners[p] == dist.rank or (dist.is_main and owners[p] not in valid)}
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        gathered: list | None = [None] * dist.world_size if dist.is_main else None
+        tdist.gather_object(mine, gathered, dst=0)
+        if not dist.is_main:
+            return None
+        for part in gathered:
+            mine.update(part)
+    # a shard file rank 0 sees that its writer did not report (none, normally): hashed here
+    for p in files:
+        if (name := p.relative_to(folder).as_posix()) not in mine:
+            mine[name] = _record(p)
+    return dict(sorted(mine.items()))
+
+
+def mark_complete(folder: Path, step: int, records: dict | None = None) -> None:
+    """Write the marker, with the size and sha256 of every file of the checkpoint (all ranks'):
+    `records` from file_records, or hashed here."""
+    if records is None:
+        records = {p.relative_to(folder).as_posix(): _record(p)
+                   for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    atomic_write_bytes(folder / COMPLETE, json.dumps({"step": step, "files": records}, indent=1).encode())
 
 
 def damage(folder: Path) -> str | None:

@@ -38,3 +38,11 @@ def test_flop_count_of_a_pair_by_hand():
     assert pair_flops(shape, 100, 2, 1, 1, "packed") == 2 * 100 * 6 + 2 * 10 * 4 * 2 + 4 * 2 * 4 * 12
     # shared: 4 tokens; keys: prompt 1 + 2, chosen 3, rejected 3 (the prompt and itself)
     assert pair_flops(shape, 100, 2, 1, 1, "shared") == 2 * 100 * 4 + 2 * 10 * 4 * 2 + 4 * 2 * 4 * 9
+
+
+def test_checkpoint_hash_bench_runs_and_both_markers_agree():
+    """bench/bench_ckpt_hash.py at a tiny size: 2 gloo ranks, the per-rank records equal rank 0's alone."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_ckpt_hash.py"), "--gib", "0.02", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "marker, each rank its own files" in proc.stdout and "speed-up of the marker" in proc.stdout

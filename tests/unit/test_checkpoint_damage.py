@@ -57,3 +57,53 @@ def test_every_checkpoint_damaged_means_starting_over_and_old_markers_pass(tmp_p
     old.mkdir()
     (old / COMPLETE).write_text("6\n")  # a marker from before checksums were recorded
     assert damage(old) is None and set_aside_damaged(ckpt) == [] and complete_steps(ckpt) == [6]
+
+
+RANK = """
+import json, sys
+from pathlib import Path
+import torch.distributed as tdist
+from dpo_dist.engines import checkpoints
+from dpo_dist.engines.deepspeed_engine import Dist
+
+rank, folder, store = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+hashed = []
+real = checkpoints.sha256_file
+checkpoints.sha256_file = lambda p: hashed.append(p.name) or real(p)
+records = checkpoints.file_records(folder, Dist(rank, rank, 2, "cpu"))
+print(json.dumps({"hashed": sorted(hashed), "records": records}))
+tdist.destroy_process_group()
+"""
+
+
+def test_each_rank_hashes_the_shard_files_it_wrote_and_rank_0_gets_them_all(tmp_path):
+    """file_records on a real 2-process gloo group: the same records as one process hashing every
+    file, with rank 1 hashing only its own `zero_pp_rank_1_` files and rank 0 the rest."""
+    import subprocess
+    import sys
+
+    folder = save(tmp_path / "checkpoints", 2)
+    (folder / "global_step" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"\x01" * 3000)
+    (folder / "global_step" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"\x02" * 3000)
+    (folder / COMPLETE).unlink()
+    procs = [subprocess.Popen([sys.executable, "-c", RANK, str(r), str(folder), str(tmp_path / "store")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert got[1]["records"] is None
+    assert got[1]["hashed"] == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert got[0]["hashed"] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "trainer_state.json",
+                                "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    mark_complete(folder, 2)  # one process hashing every file: the independent computation
+    assert got[0]["records"] == json.loads((folder / COMPLETE).read_text())["files"]
+    assert damage(folder) is None
+
+
+def test_the_writer_of_a_file_is_read_from_deepspeeds_name():
+    from dpo_dist.engines.checkpoints import rank_of_file
+
+    assert rank_of_file("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
+    assert rank_of_file("zero_pp_rank_1_mp_rank_00_model_states.pt") == 1
+    assert rank_of_file("mp_rank_00_model_states.pt") is None and rank_of_file("trainer_state.json") is None
