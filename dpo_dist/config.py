@@ -95,7 +95,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    deepspeed_config: str = opt("ds_configs/zero3_bf16.json", "DeepSpeed JSON; only its \"auto\" fields are filled from here.")
+    deepspeed_config: str = opt("ds_configs/zero3_bf16.json", "DeepSpeed JSON; only its \"auto\" fields are filled from here. A `ds_configs/NAME` missing from the working folder is the one shipped with dpo-dist.")
     micro_batch_size: int = opt(2, "Pairs per rank per forward.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     global_batch_size: Optional[int] = opt(None, "If set, asserted equal to micro x accumulation x world size.")

@@ -73,8 +73,23 @@ def _walk(node: Any, prefix: str = ""):
         yield prefix.rstrip("."), node
 
 
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"  # the repository's, beside dpo_dist/
+
+
+def ds_json_path(path: str) -> Path:
+    """Where a DeepSpeed JSON named in the config is: as given (relative to the working folder), or,
+    for `ds_configs/NAME` (the default and the README's) that the working folder lacks, the copy
+    shipped with dpo-dist, so that the command works from a user's own project folder too."""
+    p = Path(path).expanduser()
+    if not p.is_file() and not p.is_absolute() and p.parts[:1] == ("ds_configs",):
+        shipped = SHIPPED_DS_CONFIGS.joinpath(*p.parts[1:])
+        if shipped.is_file():
+            return shipped
+    return p
+
+
 def load_ds_json(path: str) -> dict:
-    p = Path(path)
+    p = ds_json_path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: DeepSpeed config not found (see ds_configs/)")
     try:

@@ -78,3 +78,19 @@ def test_cli_refuses_a_missing_deepspeed_json_without_starting_torchrun(tmp_path
     assert proc.stderr.strip().splitlines() == [f"error: train.deepspeed_config: {tmp_path / 'nope.json'}: no such file "
                                                 "(shipped configs are in ds_configs/)"]
     assert "torchrun" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_the_shipped_deepspeed_json_is_found_from_any_working_folder(tmp_path, monkeypatch):
+    """`ds_configs/NAME` (the default) from a folder without one: the copy shipped with dpo-dist; a
+    folder that has its own wins; a name nobody has is still an error."""
+    import json
+
+    from dpo_dist.engines.deepspeed_engine import SHIPPED_DS_CONFIGS, load_ds_json
+
+    monkeypatch.chdir(tmp_path)
+    assert load_ds_json("ds_configs/zero3_bf16.json") == json.loads((SHIPPED_DS_CONFIGS / "zero3_bf16.json").read_text())
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero3_bf16.json").write_text('{"zero_optimization": {"stage": 2}}')
+    assert load_ds_json("ds_configs/zero3_bf16.json") == {"zero_optimization": {"stage": 2}}
+    with pytest.raises(FileNotFoundError, match="ds_configs/nope.json: DeepSpeed config not found"):
+        load_ds_json("ds_configs/nope.json")
