@@ -81,7 +81,8 @@ def ended_at(cfg: Config, steps: int) -> bool:
             and (cfg.sft_export_dir() / "config.json").is_file())
 
 
-def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> SFTPrepared:
+def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool,
+                  hashed: dict[str, str] | None = None) -> SFTPrepared:
     from dpo_dist.core import identity as ident
 
     out, ckpt_dir = cfg.sft_dir(), cfg.sft_dir() / CKPT
@@ -97,7 +98,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
     (out / STOP_FILE).unlink(missing_ok=True)
     gone = checkpoints.remove_partials(ckpt_dir)
     if resume:
-        notes += checkpoints.set_aside_damaged(ckpt_dir)
+        notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
         latest = checkpoints.latest_complete(ckpt_dir)
     if gone:
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)}")
@@ -164,7 +165,8 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     from dpo_dist.models import load_config, load_tokenizer
 
     dist = compute_init(cfg.train.collective_timeout_s)
-    prep = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
+    hashed = checkpoints.hashed_by_ranks(cfg.sft_dir() / CKPT, dist) if resume else {}
+    prep = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite, hashed))
     out = cfg.sft_dir()
     if prep.finished:
         if dist.is_main:

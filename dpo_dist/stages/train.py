@@ -72,10 +72,12 @@ def prepare(cfg: Config, dist: Dist, resume: bool, overwrite: bool) -> Prepared:
     Refuses (one line per field) a cache built for other work and a run folder started with other
     result-changing settings; `overwrite` moves an old run aside first.
     """
-    return on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
+    hashed = checkpoints.hashed_by_ranks(Path(cfg.output_dir) / CKPT, dist) if resume else {}
+    return on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite, hashed))
 
 
-def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> Prepared:
+def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool,
+                  hashed: dict[str, str] | None = None) -> Prepared:
     from dpo_dist.core import identity as ident
     from dpo_dist.models import resolve_model_dir
 
@@ -98,7 +100,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
     (out_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was for the job that has ended
     gone = checkpoints.remove_partials(ckpt_dir)
     if resume:
-        notes += checkpoints.set_aside_damaged(ckpt_dir)
+        notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
         latest = checkpoints.latest_complete(ckpt_dir)
     if gone:
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "

@@ -107,3 +107,52 @@ def test_the_writer_of_a_file_is_read_from_deepspeeds_name():
     assert rank_of_file("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
     assert rank_of_file("zero_pp_rank_1_mp_rank_00_model_states.pt") == 1
     assert rank_of_file("mp_rank_00_model_states.pt") is None and rank_of_file("trainer_state.json") is None
+
+
+RESUME_RANK = """
+import json, sys
+from pathlib import Path
+import torch.distributed as tdist
+from dpo_dist.engines import checkpoints
+from dpo_dist.engines.deepspeed_engine import Dist
+
+rank, ckpt, store = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+hashed = checkpoints.hashed_by_ranks(ckpt, Dist(rank, rank, 2, "cpu"))
+notes = []
+if rank == 0:
+    real = checkpoints.sha256_file
+    rank0 = []
+    checkpoints.sha256_file = lambda p: rank0.append(p.name) or real(p)
+    notes = checkpoints.set_aside_damaged(ckpt, hashed)
+    print(json.dumps({"hashed": sorted(Path(k).name for k in hashed), "rank0": sorted(rank0), "notes": notes}))
+tdist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("flip_rank1", [False, True])
+def test_before_a_resume_each_rank_checks_its_own_files(tmp_path, flip_rank1):
+    """hashed_by_ranks + set_aside_damaged on a real 2-process gloo group: every rank hashes its own
+    shard files of the newest checkpoint, rank 0 only the shared ones; a flipped bit in rank 1's
+    file is still found (its digest came from rank 1) and the previous checkpoint used."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "checkpoints"
+    save(ckpt, 2)
+    newest = save(ckpt, 4)
+    if flip_rank1:
+        flip(newest / "global_step" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 100)
+    procs = [subprocess.Popen([sys.executable, "-c", RESUME_RANK, str(r), str(ckpt), str(tmp_path / "store")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert got["hashed"] == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    if flip_rank1:
+        assert len(got["notes"]) == 1 and "checkpoint step-4 is damaged" in got["notes"][0] and "checksum mismatch" in got["notes"][0]
+        assert complete_steps(ckpt) == [2] and (ckpt / "damaged-step-4").is_dir()
+        assert "trainer_state.json" in got["rank0"]  # step-2, checked by rank 0 alone
+    else:
+        assert got["notes"] == [] and complete_steps(ckpt) == [2, 4]
+        assert got["rank0"] == ["trainer_state.json"]  # the shard files' digests came from their ranks
