@@ -19,9 +19,14 @@ def main() -> int:
         torchrun()
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit {failure.exitcode}"
-        print(f"[dpo-dist] torchrun on {socket.gethostname()}: rank {rank} (pid {failure.pid}) ended first ({how}); "
-              "its error is above", file=sys.stderr, flush=True)
+        if failure.exitcode < 0:  # killed: no error of its own to read
+            how = f"killed by {failure.signal_name()}" + (
+                ": often the kernel's out-of-memory killer (see `dmesg`), or a kill from outside"
+                if failure.signal_name() == "SIGKILL" else "")
+        else:
+            how = f"exit {failure.exitcode}; its error is above"
+        print(f"[dpo-dist] torchrun on {socket.gethostname()}: rank {rank} (pid {failure.pid}) ended first ({how})",
+              file=sys.stderr, flush=True)
         return 1
     return 0
 

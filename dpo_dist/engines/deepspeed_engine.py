@@ -6,6 +6,8 @@ trainer config and asserts global batch = micro x accumulation x world (docs/DES
 from __future__ import annotations
 
 import copy
+import contextlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -129,8 +131,15 @@ def compute_init(timeout_s: int = 1800) -> Dist:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
-    deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    # On CPU, DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
+    # from every rank at every start (also when the op was built long ago): kept from the user's log.
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    for line in said.getvalue().splitlines():
+        if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully")):
+            print(line, flush=True)
     return Dist(rank, local_rank, world, device)
 
 
