@@ -5,6 +5,8 @@ serves the loss, TensorBoard, partitioning and export checks; crashed, signalled
 copies of it must reproduce its final weights after resuming. Run folders and caches refuse reuse
 for other work, naming each differing field.
 """
+import contextlib
+import gc
 import json
 import os
 import shutil
@@ -401,18 +403,32 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(work):
     assert hung.stderr.strip().splitlines()[-1].endswith("to continue from the last complete checkpoint, run_hang/checkpoints/step-2")
 
 
+@contextlib.contextmanager
+def small_disk(folder: Path):
+    """A real 64 MiB tmpfs at `folder` (mounting needs root: skipped, saying so, elsewhere), unmounted after."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        gc.collect()  # a loaded model's memory-mapped weights would keep the tmpfs busy
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def one_process_stage0(run_dir: Path, *more: str) -> list[str]:
+    """The run of the disk tests: one process, ZeRO stage 0 (what one GPU should run), a checkpoint every 2 steps."""
+    return base(str(run_dir), "train.num_procs=1", f"train.deepspeed_config={REPO}/ds_configs/zero0_bf16.json",
+                "train.save_steps=2", "train.eval_steps=0", "train.sample_prompts=0", *more)
+
+
 def test_disk_full_while_saving_then_resume_with_zero_stage0_on_one_process(work):
     """ZeRO stage 0 on one process (what one GPU should run), the run folder on a real tmpfs sized so
     that step-4's checkpoint fits and step-6's does not: the save fails with the disk named, the
     failure line says where a rerun continues (step-4, intact); with space freed, --resume ends the run."""
-    disk = work / "small_disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        args = base(str(disk / "run"), "train.num_procs=1", f"train.deepspeed_config={REPO}/ds_configs/zero0_bf16.json",
-                    "train.save_steps=2", "train.eval_steps=0", "train.sample_prompts=0", "export.enabled=false")
+    with small_disk(work / "small_disk") as disk:
+        args = one_process_stage0(disk / "run", "export.enabled=false")
         run(DPO + ["train", *args, "train.max_steps=2"], work)
         step2 = sum(p.stat().st_size for p in (disk / "run" / "checkpoints" / "step-2").rglob("*") if p.is_file())
         used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
@@ -427,8 +443,6 @@ def test_disk_full_while_saving_then_resume_with_zero_stage0_on_one_process(work
         said = resumed.stdout + resumed.stderr
         assert "removed unfinished checkpoint(s) step-6" in said and "resuming at step 4" in said and "ZeRO stage 0" in said
         assert json.loads((disk / "run" / "final_metrics.json").read_text())["steps"] == 8
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_disk_full_while_exporting_keeps_the_previous_export_then_resume_exports(work):
@@ -436,19 +450,12 @@ def test_disk_full_while_exporting_keeps_the_previous_export_then_resume_exports
     longer one finds room for step-4's checkpoint and not for its export (safetensors says `os error
     28`): one line names the export and the full disk, the partial export.tmp is gone, the step-2
     export is the same bytes and loads; with space freed, --resume re-exports (not "already complete")."""
-    import gc
     import hashlib
 
     from transformers import AutoModelForCausalLM
 
-    disk = work / "export_disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        args = base(str(disk / "run"), "train.num_procs=1", f"train.deepspeed_config={REPO}/ds_configs/zero0_bf16.json",
-                    "train.save_steps=2", "train.eval_steps=0", "train.sample_prompts=0")
+    with small_disk(work / "export_disk") as disk:
+        args = one_process_stage0(disk / "run")
         run(DPO + ["train", *args, "train.max_steps=2"], work)
         export, ckpts = disk / "run" / "export", disk / "run" / "checkpoints"
 
@@ -472,9 +479,6 @@ def test_disk_full_while_exporting_keeps_the_previous_export_then_resume_exports
         assert json.loads((disk / "run" / "final_metrics.json").read_text())["steps"] == 4
         assert sha() != first and not (disk / "run" / "export.tmp").exists()
         assert AutoModelForCausalLM.from_pretrained(str(export)).config.use_cache
-    finally:
-        gc.collect()  # a loaded model's memory-mapped weights would keep the tmpfs busy
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_sweep_trains_each_run_from_one_cache(work):
