@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dpo_dist.config import Config, to_yaml
@@ -81,8 +81,8 @@ def ended_at(cfg: Config, steps: int) -> bool:
             and (cfg.sft_export_dir() / "config.json").is_file())
 
 
-def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool,
-                  hashed: dict[str, str] | None = None) -> SFTPrepared:
+def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> tuple[SFTPrepared, list[str]]:
+    """Rank 0's checks; returns what is decided and the unfinished checkpoints removed."""
     from dpo_dist.core import identity as ident
 
     out, ckpt_dir = cfg.sft_dir(), cfg.sft_dir() / CKPT
@@ -97,15 +97,23 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool,
                               "--overwrite to start over (the old run is moved aside), or another sft.output_dir")
     (out / STOP_FILE).unlink(missing_ok=True)
     gone = checkpoints.remove_partials(ckpt_dir)
-    if resume:
-        notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
-        latest = checkpoints.latest_complete(ckpt_dir)
-    if gone:
-        notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)}")
     if ident.read_run(out) != identity:
         ident.write_run(out, identity, {"base": cfg.model.name_or_path, "data.train": cfg.data.train, "created": ident.now()})
-    finished = resume and latest == identity["sft.steps"] and ended_at(cfg, identity["sft.steps"])
-    return SFTPrepared(base_dir, tokenizer_dir, identity, latest if resume else None, finished, notes)
+    return SFTPrepared(base_dir, tokenizer_dir, identity, None, False, notes), gone
+
+
+def _resume_point_main(cfg: Config, prep: SFTPrepared, gone: list[str], resume: bool, hashed: dict[str, str]) -> SFTPrepared:
+    """Rank 0: damaged checkpoints set aside (with the ranks' digests), the step to resume at, and
+    whether SFT is already complete."""
+    ckpt_dir = cfg.sft_dir() / CKPT
+    notes = list(prep.notes)
+    if resume:
+        notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
+    if gone:
+        notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)}")
+    latest = checkpoints.latest_complete(ckpt_dir) if resume else None
+    steps = prep.identity["sft.steps"]
+    return replace(prep, resume_step=latest, finished=resume and latest == steps and ended_at(cfg, steps), notes=notes)
 
 
 # ----------------------------------------------------------------------------- data
@@ -165,8 +173,10 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     from dpo_dist.models import load_config, load_tokenizer
 
     dist = compute_init(cfg.train.collective_timeout_s)
+    prep, gone = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
+    # Only once the run folder is accepted: every rank hashes its files of the newest checkpoint
     hashed = checkpoints.hashed_by_ranks(cfg.sft_dir() / CKPT, dist) if resume else {}
-    prep = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite, hashed))
+    prep = on_main(dist, lambda: _resume_point_main(cfg, prep, gone, resume, hashed))
     out = cfg.sft_dir()
     if prep.finished:
         if dist.is_main:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dpo_dist.core import cache as cache_mod
@@ -72,12 +72,14 @@ def prepare(cfg: Config, dist: Dist, resume: bool, overwrite: bool) -> Prepared:
     Refuses (one line per field) a cache built for other work and a run folder started with other
     result-changing settings; `overwrite` moves an old run aside first.
     """
+    prepared, gone = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
+    # Only once the run folder is accepted: every rank hashes its files of the newest checkpoint
     hashed = checkpoints.hashed_by_ranks(Path(cfg.output_dir) / CKPT, dist) if resume else {}
-    return on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite, hashed))
+    return on_main(dist, lambda: _resume_point_main(cfg, prepared, gone, resume, hashed))
 
 
-def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool,
-                  hashed: dict[str, str] | None = None) -> Prepared:
+def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> tuple[Prepared, list[str]]:
+    """Rank 0's checks; returns what is decided and the unfinished checkpoints removed."""
     from dpo_dist.core import identity as ident
     from dpo_dist.models import resolve_model_dir
 
@@ -99,21 +101,30 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool,
                               "it, --overwrite to start over (the old run is moved aside), or another output_dir")
     (out_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was for the job that has ended
     gone = checkpoints.remove_partials(ckpt_dir)
+    if not same or ident.read_run(out_dir) != run_id:  # new, or allowed to train longer
+        ident.write_run(out_dir, run_id, {"policy": cfg.policy_model(), **spec.names})
+    return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
+                    None, False, notes), gone
+
+
+def _resume_point_main(cfg: Config, prepared: Prepared, gone: list[str], resume: bool, hashed: dict[str, str]) -> Prepared:
+    """Rank 0: damaged checkpoints set aside (with the ranks' digests), the step to resume at, and
+    whether the run is already complete."""
+    out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / CKPT
+    notes = list(prepared.notes)
     if resume:
         notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
-        latest = checkpoints.latest_complete(ckpt_dir)
+    latest = checkpoints.latest_complete(ckpt_dir)
     if gone:
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "
                      + (f"step-{latest}" if latest is not None else "the start"))
-    if not same or ident.read_run(out_dir) != run_id:  # new, or allowed to train longer
-        ident.write_run(out_dir, run_id, {"policy": cfg.policy_model(), **spec.names})
+    run_id = prepared.identity
     final = out_dir / "final_metrics.json"
     finished = (resume and latest == run_id["train.steps"] and final.exists()
                 and (not cfg.export.enabled or cfg.export_dir().exists()))
     if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
         final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
-    return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
-                    latest if resume else None, finished, notes)
+    return replace(prepared, resume_step=latest if resume else None, finished=finished, notes=notes)
 
 
 # ----------------------------------------------------------------------------- batches
