@@ -64,3 +64,37 @@ def manifest_shards(cache: Path) -> int:
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
     return sum(len(info["shards"]) for info in manifest["splits"].values())
+
+
+def cmdline(proc) -> str:
+    """A psutil process's command line as one string ("" once it is gone or out of reach)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a TensorBoard folder: tag -> step -> value (later writes win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def weights(export_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(export_dir / "model.safetensors"))
+
+
+def assert_same_weights(got: dict, want: dict, init: dict) -> None:
+    """Equal to the uninterrupted run's weights, far inside how far training moved them."""
+    assert got.keys() == want.keys()
+    drift = max(float((want[k].float() - init[k].float()).abs().max()) for k in want)
+    worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+    assert drift > 1e-3, drift  # the run really moved the weights (by ~0.01 here)
+    assert worst <= 1e-3 * drift, f"max |resumed - uninterrupted| {worst:.3g} vs drift {drift:.3g}"

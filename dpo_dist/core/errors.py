@@ -14,6 +14,14 @@ class UserError(Exception):
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)
 
 
+def causes(error: BaseException):
+    """`error`, then what raised it (its cause or context), and so on down the chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 # What gloo and NCCL say when a collective's peer is gone (its process or node died) or never answers
 # (it hangs, or its node is unreachable): ours to explain in one line, not a page of DeepSpeed frames.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
@@ -24,8 +32,7 @@ _PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeo
 def lost_contact(error: BaseException) -> str | None:
     """One line for a rank whose collective failed because another rank or its node died or hangs,
     keeping the backend's own words (first sentence, without its source location); None otherwise."""
-    seen: BaseException | None = error
-    while seen is not None:
+    for seen in causes(error):
         text = str(seen).strip().splitlines()[0] if str(seen).strip() else ""
         if text.startswith("[") and "] " in text:  # gloo's "[.../pair.cc:553] " source location
             text = text.split("] ", 1)[1]
@@ -36,5 +43,4 @@ def lost_contact(error: BaseException) -> str | None:
         if any(marker in text for marker in _PEER_SILENT):
             return (f"no answer from the other ranks within train.collective_timeout_s ({said}): another rank or "
                     "its node hangs or is unreachable. This rank stops")
-        seen = seen.__cause__ or seen.__context__
     return None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_dist.config import TrainConfig
-from dpo_dist.core.errors import UserError
+from dpo_dist.core.errors import UserError, causes
 
 
 class BatchArithmeticError(UserError, ValueError):
@@ -352,8 +352,7 @@ def disk_full(error: BaseException, path: Path) -> str | None:
 
     free = disk_free_mib(path)
     full = f"the disk is full ({free:.0f} MiB free)" if free is not None else "the disk is full"
-    seen: BaseException | None = error
-    while seen is not None:
+    for seen in causes(error):
         code = getattr(seen, "errno", None)
         said = re.search(r"\(os error (\d+)\)", str(seen))
         code = code if code is not None else int(said.group(1)) if said else None
@@ -361,7 +360,6 @@ def disk_full(error: BaseException, path: Path) -> str | None:
             return "the disk quota is exceeded"
         if code == errno.ENOSPC:
             return full
-        seen = seen.__cause__ or seen.__context__
     return full if free is not None and free < FULL_DISK_MIB else None
 
 

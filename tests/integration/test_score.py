@@ -27,7 +27,7 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
 
 from dpo_dist.core.cache import CacheError, load_manifest, open_cache, read_shard, verify  # noqa: E402
-from helpers import manifest_shards, shard_hashes  # noqa: E402
+from helpers import cmdline, manifest_shards, shard_hashes  # noqa: E402
 from dpo_dist.core.identity import training_cache  # noqa: E402
 from dpo_dist.cli import main as cli_main  # noqa: E402
 from dpo_dist.config import load_config  # noqa: E402
@@ -47,13 +47,6 @@ def _overrides(model: Path, data: Path, cache: Path, *extra: str) -> list[str]:
 
 def _cfg(model: Path, data: Path, cache: Path, *extra: str):
     return load_config(None, _overrides(model, data, cache, *extra))
-
-
-def _cmdline(proc) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return ""
 
 
 def _kill_pids(procs) -> None:
@@ -286,7 +279,7 @@ def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_mo
         me = psutil.Process()
         while not stop.is_set():
             if manifest_shards(cache) >= 1:
-                busy = [p for p in me.children(recursive=True) if _cmdline(p).startswith("ray::RefScorer.score")]
+                busy = [p for p in me.children(recursive=True) if cmdline(p).startswith("ray::RefScorer.score")]
                 if busy:
                     killed["pid"] = busy[0].pid
                     os.kill(busy[0].pid, signal.SIGKILL)
@@ -309,7 +302,7 @@ def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_mo
 
 def _listening(procs) -> set[tuple[str, str]]:
     """(address, process name) of every listening TCP socket of `procs`."""
-    pids = {p.pid: _cmdline(p).split(" ")[0].rsplit("/", 1)[-1] for p in procs}
+    pids = {p.pid: cmdline(p).split(" ")[0].rsplit("/", 1)[-1] for p in procs}
     return {(c.laddr.ip, pids[c.pid]) for c in psutil.net_connections("inet")
             if c.status == psutil.CONN_LISTEN and c.pid in pids}
 

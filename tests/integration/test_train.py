@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_same_weights, scalars, weights
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 DPO = [sys.executable, "-m", "dpo_dist.cli"]
@@ -67,30 +69,6 @@ def base(out: str, *more: str) -> list[str]:
             f"output_dir={out}", f"train.deepspeed_config={REPO}/ds_configs/zero3_bf16.json",
             "train.micro_batch_size=4", "train.gradient_accumulation_steps=2", "train.lr=1e-3",
             "train.warmup_steps=2", "train.max_steps=16", "train.save_steps=8", "train.eval_steps=8", "train.seed=7", *more]
-
-
-def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of a TensorBoard folder: tag -> step -> value (later writes win)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-
-
-def weights(export_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(export_dir / "model.safetensors"))
-
-
-def assert_same_weights(got: dict, want: dict, init: dict) -> None:
-    """Equal to the uninterrupted run's weights, far inside how far training moved them."""
-    assert got.keys() == want.keys()
-    drift = max(float((want[k].float() - init[k].float()).abs().max()) for k in want)
-    worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
-    assert drift > 1e-3, drift  # the run really moved the weights (by ~0.01 here)
-    assert worst <= 1e-3 * drift, f"max |resumed - uninterrupted| {worst:.3g} vs drift {drift:.3g}"
 
 
 def snapshot(folder: Path) -> dict:
