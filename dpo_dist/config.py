@@ -78,7 +78,7 @@ class ScoreConfig:
     num_actors: Optional[int] = opt(None, "Scoring actors; default one per GPU, or `cpu_actors` without GPUs.")
     cpu_actors: int = opt(2, "Number of CPU actors when the cluster has no GPU.")
     threads_per_actor: int = opt(1, "Torch threads (and Ray CPUs) per CPU actor.")
-    dtype: str = opt("auto", "Reference dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
+    dtype: str = opt("auto", "Reference dtype: auto (the training precision of train.deepspeed_config: bf16 JSON -> bfloat16), bfloat16, float16, float32.")
     shard_size: int = opt(512, "Pairs per Arrow shard (the unit of work and of resume).")
     token_budget: int = opt(16384, "Max padded tokens per scoring forward batch (prompt+chosen and prompt+rejected are batched as separate rows).")
     overwrite: bool = opt(False, "Replace a cache whose fingerprint differs instead of refusing.")
@@ -114,7 +114,7 @@ class TrainConfig:
     keep_last: int = opt(2, "Checkpoints to keep.")
     sample_prompts: int = opt(4, "Eval prompts whose greedy responses go to TensorBoard (text tab, `samples`) at each eval; 0: none.")
     sample_max_new_tokens: int = opt(48, "Max new tokens of those samples.")
-    step0_tolerance: Optional[float] = opt(None, "Max |policy - cached reference| log-prob difference per token, for any pair, allowed at step 0; null: the bound of the dtypes in play (1e-4 float32 vs float32; see README for 16-bit).")
+    step0_tolerance: Optional[float] = opt(None, "Max step-0 |policy - cached reference| log-prob difference per response token, pooled over the first micro-batch of every rank; null: the bound of the dtypes in play (1e-4 float32 vs float32, 0.02 with a 16-bit side; README, Step 0).")
     num_procs: Optional[int] = opt(None, "Processes for `dpo-dist train`: default one per GPU, else 2 on CPU.")
     collective_timeout_s: int = opt(1800, "Seconds a rank waits in a collective for the others before it fails the job (a rank that dies is noticed by torchrun at once; this bounds a rank that hangs).")
 
@@ -221,8 +221,18 @@ class Config:
         """The tokenizer that makes the cache's ids: model.tokenizer, else the reference model's."""
         return self.model.tokenizer or self.ref_model()
 
-    def reference_dtype(self, gpus: int) -> str:
-        """score.dtype with "auto" resolved: bfloat16 where the scoring actors get GPUs, else float32."""
+    def reference_dtype(self) -> str:
+        """score.dtype with "auto" resolved: the precision the policy trains in (train.deepspeed_config's
+        bf16 / fp16 / neither), so that at step 0 the policy computes what the scorer computed (same
+        weights after the cast, same arithmetic): measured on a real model, README "Reference dtype"."""
+        if self.score.dtype != "auto":
+            return self.score.dtype
+        from dpo_dist.engines.deepspeed_engine import load_ds_json, precision  # pure JSON reading
+
+        return precision(load_ds_json(self.train.deepspeed_config))
+
+    def inference_dtype(self, gpus: int) -> str:
+        """The dtype of sampling and judging models: score.dtype, or for "auto" bfloat16 on GPUs, else float32."""
         if self.score.dtype == "auto":
             return "bfloat16" if gpus else "float32"
         return self.score.dtype

@@ -62,6 +62,8 @@ def resolve_model_dir(name_or_path: str, *, trust_remote_code: bool = False) -> 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.suffix == ".gguf":
+        return gguf_dir(path)
     if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"model {name_or_path}: no such directory")
     from huggingface_hub import constants, snapshot_download
@@ -86,6 +88,59 @@ def resolve_model_dir(name_or_path: str, *, trust_remote_code: bool = False) -> 
             f"model {name_or_path}: neither a local directory nor in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) {why}; download it first with `hf download {name_or_path}` on a "
             "machine with internet and copy that cache here, or set HF_HOME to a cache that holds it") from None
+
+
+def gguf_dir(gguf: str | Path, out: str | Path | None = None) -> Path:
+    """A Hugging Face folder (float32 safetensors, config, tokenizer, chat template) made from a GGUF file.
+
+    transformers dequantizes GGUF weights to float32 (through the `gguf` package); the folder is built
+    once, atomically, under $DPO_DIST_CACHE/gguf/<name>-<sha256 prefix> unless `out` is given, and is
+    an ordinary model folder from then on (its identity is its weights, as for any folder).
+    """
+    import hashlib
+    import os
+    import shutil
+
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"model {gguf}: no such GGUF file")
+    if out is None:
+        digest = hashlib.sha256()
+        with open(gguf, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        cache = Path(os.environ.get("DPO_DIST_CACHE") or Path.home() / ".cache" / "dpo-dist")
+        out = cache / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    try:
+        import gguf as _  # noqa: F401  (transformers reads GGUF through it)
+    except ImportError:
+        raise ModelError(f"model {gguf}: reading GGUF needs the `gguf` package: pip install 'dpo-dist[gguf]'") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[dpo-dist] converting {gguf.name} to a float32 Hugging Face folder (once): {out}", flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained (it counts as quantized): rebuild it from its config.
+    config = loaded.config
+    for key in ("quantization_config", "_model_name_or_path"):
+        config.__dict__.pop(key, None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _hub_files(repo_id: str) -> list[str] | None:

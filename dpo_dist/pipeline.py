@@ -15,23 +15,14 @@ from dpo_dist.core import cache as cache_mod
 from dpo_dist.config import Config
 
 
-def local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def cache_ready(cfg: Config, gpus: int | None = None) -> bool:
-    """True when the cache is complete, intact and was built for exactly this config (no Ray needed).
-
-    `gpus`: what the scoring actors would get, for score.dtype "auto" (default: this machine's).
-    """
-    from dpo_dist.core.identity import expected_cache
+def cache_ready(cfg: Config) -> bool:
+    """True when the cache is complete, intact and was built for exactly this config (no Ray needed)."""
+    from dpo_dist.core.identity import training_cache
 
     manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
     if manifest is None or not all(manifest.is_complete(s) for s in cache_mod.SPLITS):
         return False
-    spec = expected_cache(cfg, cfg.reference_dtype(local_gpus() if gpus is None else gpus))
+    spec = training_cache(cfg)
     return not cache_mod.identity_diff(manifest, spec.identity) and not cache_mod.verify(cfg.resolved_cache_dir())
 
 
@@ -44,7 +35,7 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
 
     out_dir = Path(cfg.output_dir)
     if check_cache:
-        cache_mod.open_cache(cfg.resolved_cache_dir(), ident.training_cache(cfg, local_gpus()).identity)
+        cache_mod.open_cache(cfg.resolved_cache_dir(), ident.training_cache(cfg).identity)
     if not ident.has_run(out_dir):
         return None
     if overwrite:
@@ -60,7 +51,7 @@ def run_identity_of(cfg: Config, world_size: int) -> dict:
     from dpo_dist.engines.deepspeed_engine import load_ds_json
     from dpo_dist.models import resolve_model_dir
 
-    spec = ident.training_cache(cfg, local_gpus())
+    spec = ident.training_cache(cfg)
     policy = ident.model_identity(resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code))
     return ident.run_identity(cfg, spec.identity, policy, world_size, load_ds_json(cfg.train.deepspeed_config))
 

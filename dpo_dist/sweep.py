@@ -330,7 +330,7 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
     base_file = (slurm_dir / "base.overrides").resolve()
     base_file.write_text("".join(f"{o}\n" for o in base_overrides))
     common = shlex.split(sbatch_args)
-    if not sft_pending and cache_ready(base, gpus=shape.gpus_per_node):
+    if not sft_pending and cache_ready(base):
         score_job = None
         print(f"[dpo-dist] reference cache {cache} is complete and matches: no scoring job", flush=True)
     else:

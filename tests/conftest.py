@@ -4,7 +4,11 @@ from pathlib import Path
 import pytest
 from helpers import skip_or_fail
 
+from dpo_dist.fixtures import real_model as real_model_fixture
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The machine's real-model folder (`make real-model`), located before DPO_DIST_CACHE is made private.
+REAL_MODEL_DIR = real_model_fixture.model_dir()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,3 +27,12 @@ def hh_path() -> Path:
     if not path.exists():
         skip_or_fail(f"HH-RLHF test file not found at {path}; it lives in ../shared beside the checkout")
     return path
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder (dpo_dist.fixtures.real_model), built once per machine."""
+    try:
+        return real_model_fixture.ensure(REAL_MODEL_DIR)
+    except (ImportError, SystemExit, OSError) as e:
+        skip_or_fail(f"the real model could not be built ({e}); run `make real-model`")

@@ -202,15 +202,15 @@ def expected_cache(cfg, dtype: str) -> CacheSpec:
     return CacheSpec(cache_identity(cfg, tokenizer, ref_dir, dtype), cache_names(cfg), ref_dir, tokenizer_dir)
 
 
-def training_cache(cfg, gpus: int = 0) -> CacheSpec:
-    """The cache a training run of `cfg` needs. score.dtype "auto" accepts the dtype the cache was
-    scored in (the scorer resolved it by the GPUs its actors had, which training cannot know); with
-    no cache yet, it resolves as a scorer with `gpus` GPUs would."""
+def training_cache(cfg) -> CacheSpec:
+    """The cache `cfg` scores into or trains from. score.dtype "auto": a new cache is scored in the
+    training precision (Config.reference_dtype); an existing one keeps the dtype it was scored in
+    (caches scored before that rule, or on other hardware, stay usable)."""
     from dpo_dist.core.cache import load_manifest
 
     manifest = load_manifest(cfg.resolved_cache_dir())
     if cfg.score.dtype == "auto":
-        dtype = manifest.fingerprint.get("reference.dtype", "float32") if manifest else cfg.reference_dtype(gpus)
+        dtype = manifest.fingerprint.get("reference.dtype", "float32") if manifest else cfg.reference_dtype()
     else:
         dtype = cfg.score.dtype
     return expected_cache(cfg, dtype)

@@ -75,6 +75,26 @@ def memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def cpu_multiplies_bf16() -> bool | None:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), read from /proc/cpuinfo;
+    None where that cannot be read. Without them torch's bf16 matmuls run several times slower
+    than float32 (measured on an AVX2-only EPYC: 17 vs 136 GFLOP/s, BENCHMARKS.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def slow_bf16_note(dtype: str, device: str) -> str | None:
+    """A one-line note when `dtype` is bfloat16 on a CPU without bf16 matrix instructions."""
+    if dtype != "bfloat16" or device != "cpu" or cpu_multiplies_bf16() is not False:
+        return None
+    return ("this CPU has no bf16 matrix instructions (AVX-512 BF16 / AMX): bf16 runs several times slower "
+            "than float32 here; for CPU-only work a float32 DeepSpeed JSON (ds_configs/zero0_fp32.json) is faster")
+
+
 def peak_tflops(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None

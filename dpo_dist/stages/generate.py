@@ -353,7 +353,7 @@ def run_generate(cfg: Config, model: str, label: str, out_dir: Path, checkpoint_
     tokenizer = load_tokenizer(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
     items = prompt_items(cfg, tokenizer)
     # score.dtype, "auto" resolved by this machine's GPUs (bfloat16, else float32); vLLM always runs on GPUs.
-    dtype = cfg.reference_dtype(1 if g.backend == "vllm" else torch.cuda.device_count())
+    dtype = cfg.inference_dtype(1 if g.backend == "vllm" else torch.cuda.device_count())
     manifest = prepare_folder(folder, generation_identity(cfg, weights, checkpoint_step, tokenizer, items, dtype), overwrite)
     temperatures = list(dict.fromkeys(float(t) for t in g.temperatures))
     manifest.update(label=label, model_path=str(model), tokenizer_path=str(tok_dir),

@@ -476,7 +476,7 @@ def _score_on_ray(cfg: Config, model_path: str, texts: list[str]) -> list[float]
     n_actors = cfg.score.num_actors or (gpus if gpus else cfg.score.cpu_actors)
     actor_cls = ray.remote(RewardScorer).options(num_gpus=1 if gpus else 0,
                                                  num_cpus=1 if gpus else cfg.score.threads_per_actor, max_restarts=0)
-    args = (model_path, cfg.reference_dtype(gpus), cfg.model.trust_remote_code, cfg.score.threads_per_actor,
+    args = (model_path, cfg.inference_dtype(gpus), cfg.model.trust_remote_code, cfg.score.threads_per_actor,
             cfg.data.max_length, cfg.score.token_budget, "cuda" if gpus else "cpu")
     size = max(1, min(cfg.score.shard_size, math.ceil(len(texts) / n_actors)))
     chunks = [range(i, min(i + size, len(texts))) for i in range(0, len(texts), size)]

@@ -22,7 +22,8 @@ from dpo_dist.core import cache as cache_mod
 from dpo_dist.core.removal import remove_tree
 from dpo_dist.config import Config
 from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
-from dpo_dist.core.identity import CacheSpec, data_identity, expected_cache
+from dpo_dist.core.metrics import slow_bf16_note
+from dpo_dist.core.identity import CacheSpec, data_identity, training_cache
 from dpo_dist.engines.ray_pool import ActorPool, init_ray
 
 
@@ -217,13 +218,12 @@ def run_scoring(cfg: Config) -> ScoreResult:
     # Everything that can be checked without Ray is checked before it starts: the model and
     # tokenizer resolve, the data reads (its identity streams every pair once, then is remembered).
     data_identity(cfg.data)  # reads every pair once (then remembered): a bad source fails first, in seconds
-    ray_gpus = _cluster_gpus_hint()
-    spec = expected_cache(cfg, cfg.reference_dtype(ray_gpus))
+    spec = training_cache(cfg)
     _tokenize_first_pairs(cfg, spec)
     ray = init_ray(num_cpus=None)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus != ray_gpus:  # joined a cluster whose GPUs differ from this machine's: dtype "auto" follows the cluster
-        spec = expected_cache(cfg, cfg.reference_dtype(gpus))
+    if note := slow_bf16_note(spec.identity["reference.dtype"], "cuda" if gpus else "cpu"):
+        print(f"[dpo-dist] scoring in bfloat16 (the training precision, score.dtype=auto): {note}", flush=True)
     manifest = prepare_cache_dir(cache_dir, spec, cfg.score.shard_size, cfg.score.overwrite)
     if manifest.shard_size != cfg.score.shard_size:
         print(f"[dpo-dist] {cache_dir}: continuing with its own shard size {manifest.shard_size} "
@@ -255,13 +255,6 @@ def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
             tokenize_row(tokenizer, pair, TokenizeReport(), tok_args)
         except DataError as e:
             raise DataError(f"{source_name(cfg, split)}: {e}") from None
-
-
-def _cluster_gpus_hint() -> int:
-    """GPUs this process sees: what an embedded Ray will offer (a joined cluster is asked later)."""
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult:
