@@ -62,7 +62,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("", "Policy model: hub id or local Hugging Face directory.")
+    name_or_path: str = opt("", "Policy model: hub id, local Hugging Face directory, or a .gguf file (converted once to a float32 folder; needs the gguf extra).")
     ref_name_or_path: Optional[str] = opt(None, "Reference model (e.g. the SFT model); defaults to the policy.")
     tokenizer: Optional[str] = opt(None, "Tokenizer (local folder or hub id); defaults to the reference model's. The policy must share its vocabulary.")
     attn_implementation: str = opt("sdpa", "Attention implementation: eager, sdpa, flash_attention_2.")

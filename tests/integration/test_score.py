@@ -41,8 +41,9 @@ SYNTHETIC = ["data.eval_fraction=0.1", "score.shard_size=16", "score.cpu_actors=
 
 
 def _overrides(model: Path, data: Path, cache: Path, *extra: str) -> list[str]:
+    # float32: these tests compare values with plain float32 forwards (auto would follow the bf16 JSON)
     return [f"model.name_or_path={model}", f"data.train={data}", f"cache_dir={cache}",
-            f"output_dir={cache.parent / 'run'}", *extra]
+            f"output_dir={cache.parent / 'run'}", "score.dtype=float32", *extra]
 
 
 def _cfg(model: Path, data: Path, cache: Path, *extra: str):

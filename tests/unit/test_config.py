@@ -90,3 +90,16 @@ def test_paths_resolve_against_a_base_folder_hub_names_stay(tmp_path):
     # In a folder that holds none of it (Ray's uploaded copy): outputs and missing local inputs.
     assert unresolvable_paths(cfg, tmp_path / "elsewhere") == ["output_dir", "data.train", "train.deepspeed_config"]
     assert unresolvable_paths(moved, tmp_path / "elsewhere") == []
+
+
+def test_reference_dtype_auto_is_the_training_precision(tmp_path):
+    """score.dtype auto follows the DeepSpeed JSON (bf16 -> bfloat16, fp16 -> float16, neither -> float32);
+    sampling and judging models keep their own rule (bf16 on GPUs, float32 on CPUs)."""
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text('{"fp16": {"enabled": true}}')
+    assert load_config(None, []).reference_dtype() == "bfloat16"  # ds_configs/zero3_bf16.json, the default
+    assert load_config(None, ["train.deepspeed_config=ds_configs/zero0_fp32.json"]).reference_dtype() == "float32"
+    assert load_config(None, [f"train.deepspeed_config={fp16}"]).reference_dtype() == "float16"
+    assert load_config(None, ["score.dtype=float32"]).reference_dtype() == "float32"  # as asked, whatever the JSON
+    cfg = load_config(None, [])
+    assert cfg.inference_dtype(0) == "float32" and cfg.inference_dtype(1) == "bfloat16"
