@@ -478,9 +478,17 @@ def resolve_paths(cfg: Config, base: str | Path) -> Config:
             continue
         local = base / value
         probe = Path(str(local).replace("{split}", cfg.data.train_split))
+        if dotted == "train.deepspeed_config" and not probe.exists() and _shipped_ds_json(value):
+            continue  # the JSON shipped with dpo-dist (engines.deepspeed_engine.ds_json_path), as anywhere else
         if dotted in _OUTPUT_PATHS or probe.exists() or looks_local(value):
             setattr(node, name, str(local))
     return out
+
+
+def _shipped_ds_json(value: str) -> bool:
+    """`ds_configs/NAME` of a JSON shipped with dpo-dist: found from any folder (deepspeed_engine.ds_json_path)."""
+    parts = Path(value).parts
+    return parts[:1] == ("ds_configs",) and Path(__file__).resolve().parents[1].joinpath(*parts).is_file()
 
 
 def looks_local(value: str) -> bool:
@@ -499,6 +507,7 @@ def unresolvable_paths(cfg: Config, here: str | Path = ".") -> list[str]:
         if not value or Path(value).expanduser().is_absolute():
             continue
         exists = Path(str(here / value).replace("{split}", cfg.data.train_split)).exists()
+        exists = exists or (dotted == "train.deepspeed_config" and _shipped_ds_json(value))
         if dotted in _OUTPUT_PATHS or (looks_local(value) and not exists):
             bad.append(dotted)
     return bad

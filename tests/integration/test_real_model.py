@@ -122,14 +122,16 @@ def test_step0_statistic_passes_the_same_weights_and_refuses_other_weights(score
     rows = [split[i] for i in range(len(split))]
     cfg = Config()
 
-    def ratio(model, rows) -> float:
+    def ratio(model, rows, breakage=None, bound_dtype=None) -> float:
         """The check's statistic over its bound for a first step of `rows` (> 1 refuses)."""
         batch = collate(rows, 2, "cpu", "shared")
+        if breakage:
+            breakage(batch)
         with torch.no_grad():
             out = dpo_forward(model, batch, cfg)
         diff = torch.cat([out["chosen_logps"] - batch["ref_chosen_logps"], out["rejected_logps"] - batch["ref_rejected_logps"]])
         tokens = torch.cat([out["chosen_tokens"], out["rejected_tokens"]]).double()
-        dtype = str(model.dtype).removeprefix("torch.")
+        dtype = bound_dtype or str(model.dtype).removeprefix("torch.")
         bound = step0_bound(cfg, dtype, "float32", float(tokens.sum()), float(tokens.sqrt().sum()))
         return float(diff.abs().sum() / tokens.sum()) / bound
 
@@ -137,6 +139,13 @@ def test_step0_statistic_passes_the_same_weights_and_refuses_other_weights(score
     bf16 = load_causal_lm(str(real_model), dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     assert ratio(fp32, rows[:4]) < 0.1
     assert ratio(bf16, rows[:4]) < 0.7
+    # a shared-layout mask that lets rejected see chosen, position ids that run on after chosen:
+    # refused even against the 16-bit bound (bench/bench_step0_bound.py holds the breakages)
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_step0_bound import running_positions, unmask_chosen
+
+    assert ratio(fp32, rows[:4], unmask_chosen, bound_dtype="bfloat16") > 1.0
+    assert ratio(fp32, rows[:4], running_positions, bound_dtype="bfloat16") > 1.0
     # other weights: 2 AdamW steps of NLL on the chosen responses, lr 1e-5
     other = load_causal_lm(str(real_model), dtype=torch.float32, attn_implementation="sdpa")
     opt = torch.optim.AdamW(other.parameters(), lr=1e-5)

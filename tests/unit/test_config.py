@@ -88,8 +88,12 @@ def test_paths_resolve_against_a_base_folder_hub_names_stay(tmp_path):
     assert moved.model.ref_name_or_path == "EleutherAI/pythia-2.8b" and moved.data.eval == "Anthropic/hh-rlhf"
     assert cfg.model.name_or_path == "models/m"  # the original is untouched
     # In a folder that holds none of it (Ray's uploaded copy): outputs and missing local inputs.
-    assert unresolvable_paths(cfg, tmp_path / "elsewhere") == ["output_dir", "data.train", "train.deepspeed_config"]
+    # (the default ds_configs/zero3_bf16.json is the JSON shipped with dpo-dist: found from anywhere)
+    assert unresolvable_paths(cfg, tmp_path / "elsewhere") == ["output_dir", "data.train"]
+    assert moved.train.deepspeed_config == "ds_configs/zero3_bf16.json"
     assert unresolvable_paths(moved, tmp_path / "elsewhere") == []
+    own = load_config(None, ["train.deepspeed_config=ds_configs/mine.json"])  # not shipped: the user's own file
+    assert unresolvable_paths(own, tmp_path / "elsewhere") == ["output_dir", "train.deepspeed_config"]
 
 
 def test_reference_dtype_auto_is_the_training_precision(tmp_path):
