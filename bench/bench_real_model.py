@@ -45,7 +45,8 @@ def prepare(work: Path, n_pairs: int, held_out: int, max_length: int) -> dict:
         prompt = len(tok(p.prompt)["input_ids"])
         c, r = (len(tok(x)["input_ids"]) + 1 for x in (p.chosen, p.rejected))
         if prompt + max(c, r) <= max_length and prompt <= max_length // 2:
-            rows.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "tokens": prompt + c + r})
+            rows.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "tokens": prompt + c + r,
+                         "response_tokens": c + r})
         if len(rows) == n_pairs:
             break
     train, held = rows[:len(rows) - held_out], rows[len(rows) - held_out:]
@@ -53,7 +54,8 @@ def prepare(work: Path, n_pairs: int, held_out: int, max_length: int) -> dict:
         (work / f"{name}.jsonl").write_text("".join(json.dumps({k: x[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
                                                     for x in part))
     return {"model": str(model), "train_pairs": len(train), "eval_pairs": len(held),
-            "train_tokens": sum(x["tokens"] for x in train)}
+            "train_tokens": sum(x["tokens"] for x in train), "train_response_tokens": sum(x["response_tokens"] for x in train),
+            "all_tokens": sum(x["tokens"] for x in rows), "all_response_tokens": sum(x["response_tokens"] for x in rows)}
 
 
 def flops_per_token(model_dir: str) -> tuple[float, int, int]:
@@ -221,11 +223,12 @@ def main(argv=None) -> int:
                      f"{r['peak_rss_gb']:.2f} | {last['accuracy']:.3f} | {last['margin']:.3f} |")
     if "dd" in results:
         dd = results["dd"]
-        # shared prompt: scoring runs the body over prompt + chosen + rejected once, the head over responses
-        tokens = info["train_tokens"] * args.epochs
-        score_frac = (body * info["train_tokens"] + 2 * head * info["train_tokens"] * 0.5) / dd["score_forward_seconds"] / (peak * 1e9)
-        # LoRA training: forward + input gradients through the frozen body (2 x forward), weight grads negligible
-        train_frac = 2 * (body * tokens + 2 * head * tokens * 0.5) / dd["epoch_seconds"] / (peak * 1e9)
+        # shared prompt: the body runs once over prompt + chosen + rejected, the head over response tokens only
+        score_flops = body * info["all_tokens"] + 2 * head * info["all_response_tokens"]
+        score_frac = score_flops / dd["score_forward_seconds"] / (peak * 1e9)
+        # LoRA: forward + input gradients through the frozen body and head (2 x forward); adapter grads negligible
+        train_flops = 2 * (body * info["train_tokens"] + 2 * head * info["train_response_tokens"]) * args.epochs
+        train_frac = train_flops / dd["epoch_seconds"] / (peak * 1e9)
         lines.append(f"\ndpo-dist FLOP/s as a fraction of the {args.precision} matmul peak ({peak:.0f} GFLOP/s): "
                      f"scoring {score_frac:.0%}, training {train_frac:.0%} (dense matmul FLOPs; attention left out)")
     if {"dd", "trl"} <= set(results):
