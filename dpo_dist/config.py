@@ -227,7 +227,7 @@ class Config:
         weights after the cast, same arithmetic): measured on a real model, README "Reference dtype"."""
         if self.score.dtype != "auto":
             return self.score.dtype
-        from dpo_dist.engines.deepspeed_engine import load_ds_json, precision  # pure JSON reading
+        from dpo_dist.core.ds_json import load_ds_json, precision
 
         return precision(load_ds_json(self.train.deepspeed_config))
 
@@ -479,16 +479,18 @@ def resolve_paths(cfg: Config, base: str | Path) -> Config:
         local = base / value
         probe = Path(str(local).replace("{split}", cfg.data.train_split))
         if dotted == "train.deepspeed_config" and not probe.exists() and _shipped_ds_json(value):
-            continue  # the JSON shipped with dpo-dist (engines.deepspeed_engine.ds_json_path), as anywhere else
+            continue  # the JSON shipped with dpo-dist (core.ds_json.ds_json_path), as anywhere else
         if dotted in _OUTPUT_PATHS or probe.exists() or looks_local(value):
             setattr(node, name, str(local))
     return out
 
 
 def _shipped_ds_json(value: str) -> bool:
-    """`ds_configs/NAME` of a JSON shipped with dpo-dist: found from any folder (deepspeed_engine.ds_json_path)."""
+    """`ds_configs/NAME` of a JSON shipped with dpo-dist: found from any folder (core.ds_json.ds_json_path)."""
+    from dpo_dist.core.ds_json import SHIPPED_DS_CONFIGS
+
     parts = Path(value).parts
-    return parts[:1] == ("ds_configs",) and Path(__file__).resolve().parents[1].joinpath(*parts).is_file()
+    return parts[:1] == ("ds_configs",) and SHIPPED_DS_CONFIGS.joinpath(*parts[1:]).is_file()
 
 
 def looks_local(value: str) -> bool:

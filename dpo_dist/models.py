@@ -97,20 +97,16 @@ def gguf_dir(gguf: str | Path, out: str | Path | None = None) -> Path:
     once, atomically, under $DPO_DIST_CACHE/gguf/<name>-<sha256 prefix> unless `out` is given, and is
     an ordinary model folder from then on (its identity is its weights, as for any folder).
     """
-    import hashlib
     import os
     import shutil
+
+    from dpo_dist.core.hashing import file_sha256, store_dir
 
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise FileNotFoundError(f"model {gguf}: no such GGUF file")
     if out is None:
-        digest = hashlib.sha256()
-        with open(gguf, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-        cache = Path(os.environ.get("DPO_DIST_CACHE") or Path.home() / ".cache" / "dpo-dist")
-        out = cache / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+        out = store_dir() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
     out = Path(out)
     if (out / "config.json").is_file():
         return out

@@ -154,7 +154,7 @@ def load_manifest(cache_dir: Path) -> Manifest | None:
 
 def identity_diff(manifest: Manifest, wanted: dict) -> list[str]:
     """identity.diff of the cache's fingerprint against `wanted`, one "name: cache -> config" per field."""
-    from dpo_dist.core.identity import diff
+    from dpo_dist.core.hashing import diff
 
     if manifest.format_version != FORMAT_VERSION:
         return [f"cache.format: {manifest.format_version} -> {FORMAT_VERSION} (written by another dpo-dist version)"]

@@ -178,7 +178,7 @@ def source_fingerprint(source, *, format: str = "auto", split: str = "train",
     and ignored: they never change the pairs produced. This is the key under which the identity of
     the normalized pairs is remembered (identity.data_identity), not that identity itself.
     """
-    from dpo_dist.core.identity import file_sha256
+    from dpo_dist.core.hashing import file_sha256
 
     path = _resolve(source, split)
     if os.path.isfile(path):

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dpo_dist.core.errors import UserError
+# The leaf pieces live in core.hashing (cache and data need them too); named here for callers.
+from dpo_dist.core.hashing import _recall, _remember, diff, file_sha256, short_hash, store_dir  # noqa: F401
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # config.json keys that never change what the model computes. Dropout-like fields are left out
@@ -40,61 +42,6 @@ GROWABLE = ("train.steps", "sft.steps")
 
 class IdentityError(UserError):
     """A cache or run folder that belongs to other work, or a file that cannot be identified."""
-
-
-# ----------------------------------------------------------------------------- remembered hashes
-
-def store_dir() -> Path:
-    """Where remembered hashes live: $DPO_DIST_CACHE, else $XDG_CACHE_HOME/dpo-dist, else ~/.cache/dpo-dist."""
-    if os.environ.get("DPO_DIST_CACHE"):
-        return Path(os.environ["DPO_DIST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-dist"
-
-
-def _memo_path(kind: str, key: str) -> Path:
-    return store_dir() / kind / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
-
-
-def _recall(kind: str, key: str) -> dict | None:
-    try:
-        memo = json.loads(_memo_path(kind, key).read_text())
-    except (OSError, ValueError):
-        return None
-    return memo if memo.get("key") == key else None
-
-
-def _remember(kind: str, key: str, value: dict) -> None:
-    """Best effort: a read-only or full store only costs a rehash next time."""
-    path = _memo_path(kind, key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, **value}))
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes, remembered per (real path, size, mtime_ns)."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}"
-    memo = _recall("files", key)
-    if memo:
-        return memo["sha256"]
-    digest = hashlib.sha256()
-    with open(real, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    _remember("files", key, {"sha256": digest.hexdigest()})
-    return digest.hexdigest()
-
-
-def short_hash(value: Any) -> str:
-    """First 16 hex of sha256 over a JSON rendering (or the bytes of a str)."""
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- model, tokenizer, data
@@ -278,27 +225,6 @@ def sft_identity(cfg, tokenizer, base_weights: str, world_size: int, ds_config: 
 def _precision(ds_config: dict) -> str:
     return "bf16" if ds_config.get("bf16", {}).get("enabled") else (
         "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
-
-
-def diff(old: dict, new: dict, grow: Iterable[str] = ()) -> list[str]:
-    """Every field whose value differs, as "name: old -> new", sorted by name. A field in `grow`
-    may increase without counting as a difference."""
-    grow = set(grow)
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
-        if a == b or (key in grow and _number(a) and _number(b) and b >= a):
-            continue
-        lines.append(f"{key}: {_show(a)} -> {_show(b)}")
-    return lines
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _show(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v)
 
 
 def read_run(out_dir: Path) -> dict | None:

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from dpo_dist.config import TrainConfig
+# Reading the JSON is below config (core.ds_json); named here, as every trainer imports them from here.
+from dpo_dist.core.ds_json import (SHIPPED_DS_CONFIGS, DeepSpeedConfigError, ds_json_path, load_ds_json,  # noqa: F401
+                                   precision)
 from dpo_dist.core.errors import UserError, causes
 
 
 class BatchArithmeticError(UserError, ValueError):
     """Batch sizes of the DeepSpeed JSON and the trainer config disagree."""
-
-
-class DeepSpeedConfigError(UserError, ValueError):
-    """The DeepSpeed JSON is missing, malformed, or has an "auto" field with no rule to fill it."""
 
 
 def _fill(node: dict, key: str, value: Any, where: str) -> None:
@@ -73,31 +72,6 @@ def _walk(node: Any, prefix: str = ""):
             yield from _walk(v, f"{prefix}{k}.")
     else:
         yield prefix.rstrip("."), node
-
-
-SHIPPED_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"  # the repository's, beside dpo_dist/
-
-
-def ds_json_path(path: str) -> Path:
-    """Where a DeepSpeed JSON named in the config is: as given (relative to the working folder), or,
-    for `ds_configs/NAME` (the default and the README's) that the working folder lacks, the copy
-    shipped with dpo-dist, so that the command works from a user's own project folder too."""
-    p = Path(path).expanduser()
-    if not p.is_file() and not p.is_absolute() and p.parts[:1] == ("ds_configs",):
-        shipped = SHIPPED_DS_CONFIGS.joinpath(*p.parts[1:])
-        if shipped.is_file():
-            return shipped
-    return p
-
-
-def load_ds_json(path: str) -> dict:
-    p = ds_json_path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: DeepSpeed config not found (see ds_configs/)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DeepSpeedConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 # ----------------------------------------------------------------------------- distributed set-up
@@ -253,13 +227,6 @@ def local_param_fraction(model) -> float:
         full += getattr(p, "ds_numel", p.numel())
         local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
     return local / max(full, 1)
-
-
-def precision(ds_config: dict) -> str:
-    """The torch dtype name the engine trains in: bfloat16, float16 or float32."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        return "bfloat16"
-    return "float16" if ds_config.get("fp16", {}).get("enabled") else "float32"
 
 
 # ----------------------------------------------------------------------------- engine boundary
