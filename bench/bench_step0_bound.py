@@ -14,7 +14,7 @@ of 2 pairs) against caches written by the real scorer (`stages.score.RefScorer`)
     .venv/bin/python bench/bench_step0_bound.py [--pairs 192] [--out step0.json]
 
 Prints each configuration's check statistic over micro-batches of 2 pairs and its ratio to the
-bound (`stages.train.step0_bound`) for first steps of 1-8 pairs, and writes the raw per-sequence
+bound (`core.step0.step0_bound`) for first steps of 1-8 pairs, and writes the raw per-sequence
 differences to --out (--from-json re-prints a table from such a file). BENCHMARKS.md, "Step-0 check on a real model", holds a run.
 """
 from __future__ import annotations
@@ -159,9 +159,9 @@ def first_steps(batches: list[list], k: int) -> list[list]:
 
 
 def ratios(batches: list[list], k: int, both_fp32: bool) -> list[float]:
-    """The check statistic over its bound (stages.train.step0_bound), per first step of k pairs: > 1 refuses."""
+    """The check statistic over its bound (core.step0.step0_bound), per first step of k pairs: > 1 refuses."""
     from dpo_dist.config import Config
-    from dpo_dist.stages.train import step0_bound
+    from dpo_dist.core.step0 import step0_bound
 
     out = []
     for step in first_steps(batches, k):
