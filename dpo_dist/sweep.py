@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from dpo_dist.core.atomic import atomic_write_text
 from dpo_dist.config import Config, ConfigError, load_config
 
 # Config fields a sweep run may not change: the shared cache depends on them (or the sweep sets them).
@@ -219,7 +220,7 @@ def run_sweep(config_path: str | None, base_overrides: list[str], sweep_path: st
         if code != 0:
             failed.append(run.name)
             print(f"[dpo-dist] run {run.name} failed (exit {code}); the others go on; rerun the sweep to resume it", flush=True)
-    (root / "sweep.json").write_text(json.dumps({"sweep": str(sweep.path), "runs": [
+    atomic_write_text(root / "sweep.json", json.dumps({"sweep": str(sweep.path), "runs": [
         {"name": run.name, "overrides": run.overrides, "output_dir": cfg.output_dir} for run, cfg in runs]}, indent=2))
     print("\n" + results_table(runs))
     print(f"\n  look at them side by side:  tensorboard --logdir {root}")
@@ -328,14 +329,14 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
     slurm_dir.mkdir(parents=True, exist_ok=True)
     # Overrides travel in files, one per line, so that values with spaces survive.
     base_file = (slurm_dir / "base.overrides").resolve()
-    base_file.write_text("".join(f"{o}\n" for o in base_overrides))
+    atomic_write_text(base_file, "".join(f"{o}\n" for o in base_overrides))
     common = shlex.split(sbatch_args)
     if not sft_pending and cache_ready(base):
         score_job = None
         print(f"[dpo-dist] reference cache {cache} is complete and matches: no scoring job", flush=True)
     else:
         score_file = (slurm_dir / "score.overrides").resolve()
-        score_file.write_text("".join(f"{o}\n" for o in [*base_overrides, *shared_overrides(base)]))
+        atomic_write_text(score_file, "".join(f"{o}\n" for o in [*base_overrides, *shared_overrides(base)]))
         stages = "sft,score" if base.uses_sft() else "score"
         score_job = _sbatch([*common, *shlex.split(score_sbatch_args), str(slurm_scripts / "dpo_hh.sbatch")],
                             {**env, "CONFIG": config_path, "STAGES": stages, "OVERRIDES_FILE": str(score_file)})
@@ -350,7 +351,7 @@ def submit_slurm(config_path: str | None, base_overrides: list[str], sweep_path:
     print(f"[dpo-dist] array job {array_job}: slurm/dpo_sweep.sbatch, tasks 0-{len(runs) - 1}{after}", flush=True)
     for i, (run, cfg) in enumerate(runs):
         print(f"  task {i}: {run.name:<20} {cfg.output_dir}  {' '.join(run.overrides)}")
-    (root / "sweep.json").write_text(json.dumps({"sweep": str(sweep.path), "runs": [
+    atomic_write_text(root / "sweep.json", json.dumps({"sweep": str(sweep.path), "runs": [
         {"name": run.name, "overrides": run.overrides, "output_dir": cfg.output_dir} for run, cfg in runs],
         "slurm": {"score_job": score_job, "array_job": array_job}}, indent=2))
     jobs = ",".join(j for j in (score_job, array_job) if j)

@@ -7,16 +7,15 @@ atomically. The manifest is the source of truth: a shard file it does not list i
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -49,39 +48,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class DiskFullError(UserError, OSError):
-    """No space (or quota) left while writing: nothing was replaced."""
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary name beside `path`, fsync, rename: the file is complete or absent, and
-    what `path` held before stays until the new bytes are all on disk. A full disk is a
-    DiskFullError naming the file; the partial temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"{path}: {os.strerror(e.errno).lower()} writing {len(payload) / 2**20:.1f} MiB; nothing "
-                                f"was replaced (what was there is intact): free space, then rerun") from None
-        raise
-    _fsync_dir(path.parent)
 
 
 def shard_name(index: int) -> str:

@@ -20,10 +20,10 @@ each written whole to a temp name and renamed, so every `*.jsonl` present is com
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
+from dpo_dist.core.atomic import atomic_write_text
 from dpo_dist.core.errors import UserError
 
 ROW_FIELDS = ("prompt_id", "prompt", "response", "reference", "model", "model_path", "model_identity",
@@ -40,14 +40,7 @@ def write_shard(path: Path, rows: list[dict]) -> None:
     missing = [f for f in ROW_FIELDS if rows and f not in rows[0]]
     if missing:
         raise ValueError(f"generation rows lack {', '.join(missing)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def shard_paths(folder: str | Path) -> list[Path]:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from dpo_dist.core.atomic import atomic_write_text
+
 
 def store_dir() -> Path:
     """Where remembered hashes live: $DPO_DIST_CACHE, else $XDG_CACHE_HOME/dpo-dist, else ~/.cache/dpo-dist."""
@@ -36,10 +38,7 @@ def _remember(kind: str, key: str, value: dict) -> None:
     """Best effort: a read-only or full store only costs a rehash next time."""
     path = _memo_path(kind, key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, **value}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"key": key, **value}))
     except OSError:
         pass
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.errors import UserError
 # The leaf pieces live in core.hashing (cache and data need them too); named here for callers.
 from dpo_dist.core.hashing import _recall, _remember, diff, file_sha256, short_hash, store_dir  # noqa: F401
@@ -265,7 +266,6 @@ def check_run(out_dir: Path, identity: dict) -> bool:
 
 
 def write_run(out_dir: Path, identity: dict, names: dict) -> None:
-    from dpo_dist.core.cache import atomic_write_bytes
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpo_dist.config import LoraConfig, ModelConfig
-from dpo_dist.core.cache import DiskFullError
+from dpo_dist.core.atomic import DiskFullError
 from dpo_dist.core.removal import remove_tree
 from dpo_dist.engines.deepspeed_engine import (Dist, Engine, disk_full, on_main, precision, release_zero3,
                                               zero3_init)

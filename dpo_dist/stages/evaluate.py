@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from dpo_dist.config import Config
+from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core import cache as cache_mod
 from dpo_dist.core.errors import UserError
 
@@ -119,7 +120,7 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
         result["model_identity"] = model_identity(source)
     out = Path(cfg.output_dir) / "eval" / f"{result['model']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cache_mod.atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+    atomic_write_bytes(out, json.dumps(result, indent=2).encode())
     result["path"] = str(out)
     return result
 

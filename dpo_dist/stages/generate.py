@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_dist.config import Config
+from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.removal import remove_tree
 from dpo_dist.core.generations import ROW_FIELDS, write_shard
@@ -283,7 +284,6 @@ def prepare_folder(folder: Path, identity: dict, overwrite: bool) -> dict:
 
 
 def save_manifest(folder: Path, manifest: dict) -> None:
-    from dpo_dist.core.cache import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())

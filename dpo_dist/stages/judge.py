@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_dist.config import Config
+from dpo_dist.core.atomic import atomic_write_text
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.generations import read_generations, shard_paths
 from dpo_dist.core.winrate import aggregate, combine_orders, score_verdict, single_order
@@ -530,15 +531,6 @@ def _row_location(folder: str | Path, index: int) -> str:
     return str(folder)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_judge(cfg: Config, generations_dir: str | Path, out_dir: str | Path, *,
               backoff_s: float = BACKOFF_BASE_S) -> dict:
     """Judge every generation row against its reference; write OUT/judgments.jsonl and OUT/win_rates.json.
@@ -562,8 +554,8 @@ def run_judge(cfg: Config, generations_dir: str | Path, out_dir: str | Path, *,
               "usage": usage.to_dict(j.price_per_1k_input, j.price_per_1k_output)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "judgments.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in judgments))
-    _write_atomic(out_dir / "win_rates.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "judgments.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in judgments))
+    atomic_write_text(out_dir / "win_rates.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.errors import UserError
 
 FIGSIZE_IN, DPI = (6.4, 4.0), 100  # 640x400 px for every plot, so reports of different runs line up
@@ -485,7 +486,6 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
               plot_win_rate_vs_temperature(wins, no_wins)),
              (Plot("win_rate_vs_step.png", "Win rate vs. DPO checkpoint"), plot_win_rate_vs_step(wins, no_wins))]
 
-    from dpo_dist.core.cache import atomic_write_bytes  # pyarrow: loaded only when a report is written
 
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dpo_dist.config import Config, to_yaml
-from dpo_dist.core import cache as cache_mod
+from dpo_dist.core.atomic import atomic_write_bytes, atomic_write_text
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.metrics import make_writer, memory_gb
 from dpo_dist.core.sampler import BatchPlan
@@ -209,7 +209,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if dist.is_main:
             for note in prep.notes:
                 print(f"[dpo-dist] {note}", flush=True)
-            (out / "config.yaml").write_text(to_yaml(cfg))
+            atomic_write_text(out / "config.yaml", to_yaml(cfg))
             print(f"[dpo-dist] SFT: world {dist.world_size} ({dist.device}), {len(data['train'])} train / "
                   f"{len(data['eval'])} eval sequences; per step {plan.global_batch} = micro {t.micro_batch_size} x accum "
                   f"{t.gradient_accumulation_steps} x world {dist.world_size}; {total} steps"
@@ -263,7 +263,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         final = {"steps": total, "world_size": dist.world_size, "train": metrics, "eval": eval_metrics,
                  "export_dir": str(export)}
         if dist.is_main:
-            cache_mod.atomic_write_bytes(out / FINAL, json.dumps(final, indent=2).encode())
+            atomic_write_bytes(out / FINAL, json.dumps(final, indent=2).encode())
             trained = f"loss {metrics['loss']:.4f}, " if metrics else ""  # none when resumed at the end to export again
             print(f"[dpo-dist] SFT done: {trained}eval loss {eval_metrics.get('eval_loss', float('nan')):.4f}; "
                   f"export {export}", flush=True)

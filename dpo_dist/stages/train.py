@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dpo_dist.core.atomic import atomic_write_bytes, atomic_write_text
 from dpo_dist.core import cache as cache_mod
 from dpo_dist.engines import checkpoints
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
@@ -327,7 +328,7 @@ def announce(run: Run) -> None:
     for note in run.prepared.notes:
         print(f"[dpo-dist] {note}", flush=True)
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    (run.out_dir / "config.yaml").write_text(to_yaml(cfg))
+    atomic_write_text(run.out_dir / "config.yaml", to_yaml(cfg))
     run.writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```")
     lengths = run.train_split.lengths()
     mean_len = sum(lengths) / max(len(lengths), 1)
@@ -453,7 +454,7 @@ def finish(run: Run, metrics: dict) -> TrainResult:
         run.writer.add_hparams(flatten({"loss": cfg.loss.__dict__, "train": {
             "lr": t.lr, "micro_batch_size": t.micro_batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
             "world_size": dist.world_size}}), {f"hparam/eval_{k.replace('/', '_')}": v for k, v in eval_metrics.items()})
-        cache_mod.atomic_write_bytes(run.out_dir / "final_metrics.json", json.dumps(final, indent=2).encode())
+        atomic_write_bytes(run.out_dir / "final_metrics.json", json.dumps(final, indent=2).encode())
     return TrainResult(run.total_steps, metrics, eval_metrics, export_dir)
 
 

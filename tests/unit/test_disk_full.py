@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from dpo_dist.core.cache import DiskFullError, atomic_write_bytes, write_shard
+from dpo_dist.core.atomic import DiskFullError, atomic_write_bytes
+from dpo_dist.core.cache import write_shard
 
 
 @pytest.fixture()
