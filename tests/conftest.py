@@ -1,4 +1,6 @@
-"""Shared fixtures. Under CI (CI=true) a missing prerequisite fails instead of skipping (helpers.skip_or_fail)."""
+"""Shared fixtures. Under CI (CI=true) nothing skips: every skip, whoever raised it (pytest.skip,
+importorskip, a skip mark, helpers.skip_or_fail), is reported as a failure that names its reason."""
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,17 @@ def real_model() -> Path:
         return real_model_fixture.ensure(REAL_MODEL_DIR)
     except (ImportError, SystemExit, OSError) as e:
         skip_or_fail(f"the real model could not be built ({e}); run `make real-model`")
+
+
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped test is a failed one: a missing prerequisite must not pass unseen."""
+    outcome = yield
+    report = outcome.get_result()
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true and {item.nodeid} was skipped: {reason}"

@@ -1,10 +1,13 @@
 """Test helpers shared by unit and integration tests (pytest puts tests/ on sys.path: `import helpers`)."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,20 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and a prerequisite is missing: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "64m"):
+    """A real tmpfs of `size` at `folder` (mounting needs root: skip_or_fail elsewhere), unmounted after."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        skip_or_fail(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        gc.collect()  # a loaded model's memory-mapped weights would keep the tmpfs busy
+        subprocess.run(["umount", str(folder)], check=False)
 
 
 def write_custom_code_model(llama_dir: Path, out: Path) -> Path:

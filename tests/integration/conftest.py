@@ -58,7 +58,8 @@ def synthetic_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One embedded 2-CPU Ray session for the module; shut down at its end."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()
     from dpo_dist.engines.ray_pool import init_ray

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("ray")
+import torch
+import transformers  # noqa: F401
+import ray  # noqa: F401
 
 import real_tokenizers as rt  # noqa: E402  (tests/real_tokenizers.py: the ChatML template)
 from dpo_dist.config import load_config  # noqa: E402

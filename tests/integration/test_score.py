@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-psutil = pytest.importorskip("psutil")
-pytest.importorskip("ray")
+import torch
+import transformers
+import psutil
+import ray  # noqa: F401
 
 from dpo_dist.core.cache import CacheError, load_manifest, open_cache, read_shard, verify  # noqa: E402
 from helpers import cmdline, manifest_shards, shard_hashes  # noqa: E402

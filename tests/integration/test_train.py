@@ -5,8 +5,6 @@ serves the loss, TensorBoard, partitioning and export checks; crashed, signalled
 copies of it must reproduce its final weights after resuming. Run folders and caches refuse reuse
 for other work, naming each differing field.
 """
-import contextlib
-import gc
 import json
 import os
 import shutil
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_same_weights, scalars, weights
+from helpers import assert_same_weights, scalars, small_disk, weights
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -381,20 +379,6 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(work):
     assert hung.returncode != 0 and time.monotonic() - start < 150
     assert "Timed out waiting 20000ms" in hung.stderr, hung.stderr[-3000:]
     assert hung.stderr.strip().splitlines()[-1].endswith("to continue from the last complete checkpoint, run_hang/checkpoints/step-2")
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path):
-    """A real 64 MiB tmpfs at `folder` (mounting needs root: skipped, saying so, elsewhere), unmounted after."""
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        gc.collect()  # a loaded model's memory-mapped weights would keep the tmpfs busy
-        subprocess.run(["umount", str(folder)], check=False)
 
 
 def one_process_stage0(run_dir: Path, *more: str) -> list[str]:

@@ -3,8 +3,8 @@ the previous complete file intact, no partial file left; each writer's own way o
 is full is recognised. On a real 256 KiB tmpfs (needs root to mount; skipped, saying so, elsewhere)."""
 import errno
 import json
-import subprocess
 
+import helpers
 import pytest
 
 from dpo_dist.core.atomic import DiskFullError, atomic_write_bytes
@@ -13,13 +13,8 @@ from dpo_dist.core.cache import write_shard
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with helpers.small_disk(tmp_path / "disk", "256k") as mount:
+        yield mount
 
 
 def test_a_full_disk_names_the_file_and_keeps_what_was_there(small_disk):

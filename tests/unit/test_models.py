@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from dpo_dist.core.logps import sequence_logps  # noqa: E402
 from dpo_dist.models import (  # noqa: E402
@@ -341,7 +341,7 @@ def test_disable_dropout_names_every_field_and_sub_config():
 
 
 def test_disable_dropout_modules_leaves_lora_dropout(dropout_models):
-    peft = pytest.importorskip("peft")
+    import peft
     dirs, _ = dropout_models
     model = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"], dtype=torch.float32)
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.3,

@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("tensorboard")
-pytest.importorskip("matplotlib")
+import torch  # noqa: F401
+import tensorboard  # noqa: F401
+import matplotlib  # noqa: F401
 
 from matplotlib.colors import to_rgb  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -61,7 +61,6 @@ def test_rule_checker():
 
 def test_short_under_tiny_tokenizer():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    pytest.importorskip("transformers")
     from dpo_dist.fixtures.tiny import build_tokenizer
 
     pairs = generate_pairs(500, seed=0) + generate_pairs(200, seed=0, split="eval")

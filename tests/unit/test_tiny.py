@@ -7,8 +7,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from dpo_dist.fixtures.tiny import ARCHS, build_tokenizer, count_parameters, tiny_model_main, write_tiny_model  # noqa: E402
 
