@@ -73,7 +73,7 @@ def _cfg(tmp_path: Path, server: JudgeServer | None, *extra: str):
     url = server.url if server else "http://127.0.0.1:9/v1"
     return load_config(None, [f"output_dir={tmp_path / 'run'}", f"judge.base_url={url}", "judge.model=fixture-judge",
                               f"judge.api_key_env={KEY_ENV}", f"judge.cache_path={tmp_path / 'judge.sqlite'}",
-                              "judge.concurrency=4", "judge.max_retries=2", "judge.timeout_s=0.5",
+                              "judge.concurrency=4", "judge.max_retries=2", "judge.timeout_s=5",
                               "judge.price_per_1k_input=0.5", "judge.price_per_1k_output=2.0", *extra])
 
 
@@ -144,7 +144,7 @@ def test_faults_are_retried_or_recorded_as_errors_never_wins(tmp_path, generatio
               (_tag("dpo", 0.5, 2), ["badjson", "malformed"]),  # retried twice
               (_tag("dpo", 0.5, 3), ["malformed"] * 6),     # both orders give up after 3 attempts
               (_tag("dpo", 1.0, 0), ["429"] * 6)]           # both orders give up
-    with JudgeServer(KEY, faults, hang_s=2.0) as server:
+    with JudgeServer(KEY, faults, hang_s=120.0) as server:
         cfg = _cfg(tmp_path, server)
         result = run_judge(cfg, generations, tmp_path / "out", backoff_s=0.01)
         judgments = _judgments(tmp_path / "out")

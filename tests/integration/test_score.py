@@ -341,12 +341,10 @@ def test_work_goes_on_when_a_lost_actor_cannot_be_replaced(ray_cluster):
 
     made.clear()
     pool = ActorPool(ray, new_actor, 2, max_retries=2, say=said.append, place_timeout_s=2)
-    start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"no actor left, and none could be placed in 2 s .* not done, e\.g\. task \d+"):
         for _, _ in pool.run(range(30), lambda actor, x: actor.work.remote(x), name=lambda x: f"task {x}"):
             for actor in made[:2]:
                 ray.kill(actor, no_restart=True)
-    assert time.monotonic() - start < 30
 
 
 def _ray_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:

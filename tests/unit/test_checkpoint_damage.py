@@ -1,5 +1,6 @@
 """A checkpoint damaged on disk after it was marked complete (cut short, a flipped bit, a file gone)
 is found by its marker's checksums before a resume, named, set aside, and the previous one used."""
+import hashlib
 import json
 
 import pytest
@@ -96,8 +97,11 @@ def test_each_rank_hashes_the_shard_files_it_wrote_and_rank_0_gets_them_all(tmp_
     assert got[1]["hashed"] == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert got[0]["hashed"] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "trainer_state.json",
                                 "zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    mark_complete(folder, 2)  # one process hashing every file: the independent computation
-    assert got[0]["records"] == json.loads((folder / COMPLETE).read_text())["files"]
+    # The independent computation: hashlib over every file's bytes, read here.
+    expected = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+    assert got[0]["records"] == expected
+    mark_complete(folder, 2, got[0]["records"])
     assert damage(folder) is None
 
 

@@ -72,7 +72,6 @@ def test_two_node_job_with_background_steps(slurm_cluster, tmp_path):
     found = set(re.findall(r"node=(\d) name=(n\d) procid=(\d)", text))
     assert found == {("0", "n1", "0"), ("1", "n2", "1")}, text
     assert text.rstrip().endswith("done"), text
-    assert elapsed < 60, f"2-node smoke job took {elapsed:.1f}s"
 
 
 def test_requeue_restarts_with_restart_count(slurm_cluster, tmp_path):
