@@ -164,7 +164,7 @@ def _cached_files(repo_id: str) -> list[str] | None:
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
 
 
-def load_config(path_or_id: str | Path, *, trust_remote_code: bool = False, **kwargs):
+def load_model_config(path_or_id: str | Path, *, trust_remote_code: bool = False, **kwargs):
     """`AutoConfig.from_pretrained` of the resolved model directory."""
     from transformers import AutoConfig
 
@@ -197,7 +197,7 @@ def load_causal_lm(path_or_id: str | Path, *, dtype, attn_implementation: str,
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir(str(path_or_id), trust_remote_code=trust_remote_code)
-    config = load_config(path, trust_remote_code=trust_remote_code)
+    config = load_model_config(path, trust_remote_code=trust_remote_code)
     disable_dropout(config)
     with _custom_code_hint(path_or_id, path):
         model = AutoModelForCausalLM.from_pretrained(
@@ -216,7 +216,7 @@ def load_sequence_classifier(path_or_id: str | Path, *, dtype, trust_remote_code
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_dir(str(path_or_id), trust_remote_code=trust_remote_code)
-    config = load_config(path, trust_remote_code=trust_remote_code)
+    config = load_model_config(path, trust_remote_code=trust_remote_code)
     disable_dropout(config)
     with _custom_code_hint(path_or_id, path):
         model = AutoModelForSequenceClassification.from_pretrained(

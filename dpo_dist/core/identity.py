@@ -140,11 +140,11 @@ def expected_cache(cfg, dtype: str) -> CacheSpec:
     """Resolve the reference and tokenizer (hub ids through the local HF cache) and compute the
     identity of the cache `cfg` needs, for a reference scored in `dtype`. The one place the scorer,
     `cache ready`, `run`, `sweep` and the trainer get it from."""
-    from dpo_dist.models import load_config, load_tokenizer, resolve_model_dir
+    from dpo_dist.models import load_model_config, load_tokenizer, resolve_model_dir
 
     trust = cfg.model.trust_remote_code
     ref_dir = resolve_model_dir(cfg.ref_model(), trust_remote_code=trust)
-    load_config(ref_dir, trust_remote_code=trust)  # custom model code without trust fails here, not in an actor
+    load_model_config(ref_dir, trust_remote_code=trust)  # custom model code without trust fails here, not in an actor
     tokenizer_dir = resolve_model_dir(cfg.model.tokenizer, trust_remote_code=trust) if cfg.model.tokenizer else ref_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust)
     return CacheSpec(cache_identity(cfg, tokenizer, ref_dir, dtype), cache_names(cfg), ref_dir, tokenizer_dir)

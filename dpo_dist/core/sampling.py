@@ -16,6 +16,7 @@ Imports torch at call time; transformers only through `model.generate`.
 from __future__ import annotations
 
 import hashlib
+from dpo_dist.core.tokenize import pad_token_id
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -150,7 +151,7 @@ def sample_texts(model, tokenizer, prompts: list, max_new_tokens: int, seed: int
     TensorBoard samples during training: greedy by default, else sampled with prompt i's stream
     `row_seed(seed, str(i), temperature, 0)`. Special tokens are removed from the texts. The model is
     put in eval mode for the call and returned to its mode after."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stop_ids = stop_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     ids = [prompt_input_ids(tokenizer, p) for p in prompts]
     was_training = model.training

@@ -13,8 +13,6 @@ a special token that ends it (its own EOS, or a template's end of turn: <|im_end
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -148,15 +146,6 @@ def tokenize_pair(tokenizer, pair, *, max_length: int, max_prompt_length: int,
     return TokenizedPair(pair.id, prompt_ids, responses[0], responses[1], prompt_cut, response_cut)
 
 
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """Identity of a tokenizer for the cache fingerprint: name, vocabulary hash, specials, chat template."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return {
-        "tokenizer_name": getattr(tokenizer, "name_or_path", ""),
-        "tokenizer_class": type(tokenizer).__name__,
-        "vocab_hash": hashlib.sha256(vocab.encode()).hexdigest()[:16],
-        "special_tokens": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-                           "pad": tokenizer.pad_token_id},
-        "chat_template_hash": hashlib.sha256(template.encode()).hexdigest()[:16],
-    }
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (pad == EOS in many chat models)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -61,10 +61,10 @@ def export_model(engine: Engine, model_cfg: ModelConfig, lora: LoraConfig, polic
 def _write_export(engine: Engine, state: dict, model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, out: Path,
                   tokenizer, merged_at_top: bool) -> None:
     """Rank 0's part of export_model."""
-    from dpo_dist.models import load_config
+    from dpo_dist.models import load_model_config
 
     release_zero3()
-    original = load_config(policy_dir, trust_remote_code=model_cfg.trust_remote_code)
+    original = load_model_config(policy_dir, trust_remote_code=model_cfg.trust_remote_code)
     tmp = out.with_name(out.name + ".tmp")
     remove_tree(tmp, out.parent)
     try:

@@ -19,11 +19,12 @@ from dpo_dist.config import Config
 from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core import cache as cache_mod
 from dpo_dist.core.errors import UserError
+from dpo_dist.core.tokenize import pad_token_id
 
 
 def _load_model(cfg: Config, model: str | None, checkpoint: int | None, dtype):
     """(model, label, source path, step) for an exported folder, a LoRA adapter folder, or a checkpoint."""
-    from dpo_dist.models import load_causal_lm, load_config, resolve_model_dir
+    from dpo_dist.models import load_causal_lm, load_model_config, resolve_model_dir
 
     trust = cfg.model.trust_remote_code
     if checkpoint is not None:
@@ -36,7 +37,7 @@ def _load_model(cfg: Config, model: str | None, checkpoint: int | None, dtype):
         from transformers import AutoModelForCausalLM
 
         policy_dir = resolve_model_dir(cfg.policy_model(), trust_remote_code=trust)
-        net = AutoModelForCausalLM.from_config(load_config(policy_dir, trust_remote_code=trust), dtype=dtype,
+        net = AutoModelForCausalLM.from_config(load_model_config(policy_dir, trust_remote_code=trust), dtype=dtype,
                                                trust_remote_code=trust)
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"step-{checkpoint}")
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -89,7 +90,7 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     from dpo_dist.models import load_tokenizer
 
     tokenizer = load_tokenizer(training_cache(cfg).tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     loss_cfg = cfg.loss
     sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0, "accuracy": 0.0}
     started = time.perf_counter()

@@ -32,6 +32,7 @@ from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.removal import remove_tree
 from dpo_dist.core.generations import ROW_FIELDS, write_shard
+from dpo_dist.core.tokenize import pad_token_id
 
 MANIFEST = "manifest.json"
 
@@ -172,7 +173,7 @@ class HFSampler:
         self.model.eval()
         self.model.requires_grad_(False)
         tok = self.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_token_id(tok)
         self.stop_ids = stop_token_ids(tok, self.model.generation_config.eos_token_id)
         self.settings = settings
 
@@ -293,7 +294,7 @@ def save_manifest(folder: Path, manifest: dict) -> None:
 
 def resolve_model(model: str, trust_remote_code: bool) -> Path:
     """The model folder; a LoRA adapter folder is refused, pointing at its merged export."""
-    from dpo_dist.models import load_config, resolve_model_dir
+    from dpo_dist.models import load_model_config, resolve_model_dir
 
     path = resolve_model_dir(model, trust_remote_code=trust_remote_code)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -301,7 +302,7 @@ def resolve_model(model: str, trust_remote_code: bool) -> Path:
         hint = f"pass --model {merged}" if (merged / "config.json").is_file() else \
             "export a merged model (model.lora.merge_on_export=true writes it to <export>/merged) and pass that folder"
         raise GenerateError(f"model {model}: a LoRA adapter, not a full model; {hint}")
-    load_config(path, trust_remote_code=trust_remote_code)  # custom code without trust fails here, not in an actor
+    load_model_config(path, trust_remote_code=trust_remote_code)  # custom code without trust fails here, not in an actor
     return path
 
 

@@ -454,12 +454,12 @@ def reward_text(row: dict, side: str) -> str:
 
 
 def _check_reward_model(cfg: Config) -> str:
-    from dpo_dist.models import load_config, resolve_model_dir
+    from dpo_dist.models import load_model_config, resolve_model_dir
 
     if not cfg.judge.reward_model:
         raise JudgeError("judge.reward_model: not set; judge.kind=reward_model needs a sequence-classification model directory")
     path = resolve_model_dir(cfg.judge.reward_model, trust_remote_code=cfg.model.trust_remote_code)
-    labels = load_config(path, trust_remote_code=cfg.model.trust_remote_code).num_labels
+    labels = load_model_config(path, trust_remote_code=cfg.model.trust_remote_code).num_labels
     if labels != 1:
         raise JudgeError(f"judge.reward_model: {cfg.judge.reward_model} has num_labels={labels}; a reward model has one output")
     return str(path)

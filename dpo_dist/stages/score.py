@@ -25,6 +25,7 @@ from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_p
 from dpo_dist.core.metrics import slow_bf16_note
 from dpo_dist.core.identity import CacheSpec, data_identity, training_cache
 from dpo_dist.engines.ray_pool import ActorPool, init_ray
+from dpo_dist.core.tokenize import pad_token_id
 
 
 @dataclass
@@ -112,7 +113,7 @@ class RefScorer:
                                     trust_remote_code=trust_remote_code).to(device)
         self.model.eval()
         self.model.requires_grad_(False)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_token_id(self.tokenizer)
         self.tok_args = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
         self.token_budget = token_budget
         from dpo_dist.core.logps import usable_layout

@@ -29,6 +29,7 @@ from dpo_dist.core.errors import UserError
 from dpo_dist.core.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
 from dpo_dist.core.sampler import BatchPlan
 from dpo_dist.core.step0 import Step0Sums, step0_bound, step0_statistic  # noqa: F401  (the check's pure parts)
+from dpo_dist.core.tokenize import pad_token_id
 
 CKPT = "checkpoints"
 
@@ -286,10 +287,10 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
     """Read the cache, plan the batches, build the engine, load the resume checkpoint."""
     import torch
 
-    from dpo_dist.models import load_config, load_tokenizer
+    from dpo_dist.models import load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer(prepared.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
     train_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "train", manifest)
     eval_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "eval", manifest)
@@ -299,7 +300,7 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
         raise UserError(f"{len(train_split)} training pairs do not fill one global batch of {plan.global_batch} "
                         f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
     total_steps = prepared.identity["train.steps"]
-    model_config = load_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code)
+    model_config = load_model_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code)
     hidden = getattr(model_config, "hidden_size", 1024)
     cfg.model.layout = usable_layout_noted(model_config, cfg.model.layout, dist.is_main)
     ds_config = fill_ds_config(load_ds_json(t.deepspeed_config), t, dist.world_size, hidden,

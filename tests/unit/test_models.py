@@ -17,7 +17,7 @@ import transformers
 
 from dpo_dist.core.logps import sequence_logps  # noqa: E402
 from dpo_dist.models import (  # noqa: E402
-    ModelError, disable_dropout, disable_dropout_modules, download_patterns, load_causal_lm, load_config,
+    ModelError, disable_dropout, disable_dropout_modules, download_patterns, load_causal_lm, load_model_config,
     load_tokenizer, resolve_model_dir,
 )
 from dpo_dist.fixtures.tiny import build_tokenizer, write_tiny_model  # noqa: E402
@@ -239,7 +239,7 @@ def custom_model(tiny_llama, tmp_path_factory):
             del sys.modules[name]
 
 
-@pytest.mark.parametrize("load", [load_config, load_causal_lm])
+@pytest.mark.parametrize("load", [load_model_config, load_causal_lm])
 def test_custom_code_is_refused_without_trust(custom_model, load):
     kwargs = {"dtype": torch.float32, "attn_implementation": "eager"} if load is load_causal_lm else {}
     with pytest.raises(ModelError) as e:
@@ -253,7 +253,7 @@ def test_custom_code_loads_with_trust_and_matches_llama(custom_model, tiny_llama
     custom = load_causal_lm(custom_model, dtype=torch.float32, attn_implementation="eager", trust_remote_code=True)
     plain = load_causal_lm(tiny_llama, dtype=torch.float32, attn_implementation="eager")
     assert type(custom).__name__ == "DpoTinyCustomForCausalLM" and custom.config.model_type == "dpo_tiny_custom"
-    assert load_config(custom_model, trust_remote_code=True).model_type == "dpo_tiny_custom"
+    assert load_model_config(custom_model, trust_remote_code=True).model_type == "dpo_tiny_custom"
     ids = load_tokenizer(custom_model)("please describe the red river", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(custom(ids).logits, plain(ids).logits)
