@@ -16,9 +16,10 @@ Imports torch at call time; transformers only through `model.generate`.
 from __future__ import annotations
 
 import hashlib
-from dpo_dist.core.tokenize import pad_token_id
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from dpo_dist.core.tokenize import pad_token_id
 
 # Part of a generations folder's identity: bump when the same seed would give other tokens.
 SAMPLING_VERSION = 1
