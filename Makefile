@@ -43,7 +43,7 @@ $(VENV)/.installed: setup.py
 # PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
 test: install real-model
-	$(PY) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -18,8 +18,58 @@ def _add_config_args(p: argparse.ArgumentParser, base_dir: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-6")
 
 
+# ----------------------------------------------------------------------------- dpo-dist data check SOURCE
+
+def _add_data_check_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from dpo_dist.core.formats import FORMATS  # the standard library only: `data check` loads no torch
+
+    parser.add_argument("source", help="file (.jsonl, .jsonl.gz, .json, .parquet, .csv), dataset "
+                        "directory, or Hugging Face dataset name; '{split}' in a path is replaced")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="hh: HH-RLHF transcripts; pairs: prompt/chosen/rejected strings; "
+                        "messages: chat messages; auto: guess from the first record (default)")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="stop after this many kept pairs")
+    parser.add_argument("--strict", action="store_true", help="fail on the first dropped row")
+    parser.add_argument("--prompt-field", default="prompt")
+    parser.add_argument("--chosen-field", default="chosen")
+    parser.add_argument("--rejected-field", default="rejected")
+    return parser
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    """Read the whole source, print the summary and, as the last line, the report as JSON."""
+    import json
+
+    from dpo_dist.core.data import DataError, DataReport, iter_pairs
+
+    report = DataReport()
+    try:
+        for _ in iter_pairs(args.source, format=args.format, split=args.split,
+                            max_samples=args.max_samples, prompt_field=args.prompt_field,
+                            chosen_field=args.chosen_field, rejected_field=args.rejected_field,
+                            strict=args.strict, report=report):
+            pass
+    except DataError as e:
+        if report.rows:  # what was read, with the drop reasons and their rows, before the error
+            print(report.summary())
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(json.dumps(report.to_dict(), separators=(",", ":")))
+    return 0
+
+
+def data_check_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dpo-dist data check",
+        description="Normalize a preference data source and report kept and dropped rows.")
+    _add_data_check_args(parser)
+    return _run_data_check(parser.parse_args(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from dpo_dist.core import data
     from dpo_dist import sweep
     from dpo_dist.fixtures import synthetic
     from dpo_dist.fixtures import tiny
@@ -38,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="inspect preference data")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_sub.add_parser("check", help="load SOURCE, report kept and dropped rows; JSON summary on the last line")
-    data.add_data_check_args(check)
-    check.set_defaults(run=data.run_data_check)
+    _add_data_check_args(check)
+    check.set_defaults(run=_run_data_check)
     p = sub.add_parser("score", help="score the reference model on Ray into the cache (resumable)")
     _add_config_args(p)
     p.set_defaults(run=_score)

@@ -50,7 +50,8 @@ def preflight(cfg: Config, world_size: int, has_gpu: bool, stage: str = "dpo") -
     """What the ranks would refuse, refused here, before torchrun starts (they check it all again:
     srun may start them without this process): the DeepSpeed JSON (present, valid JSON, batch sizes
     that agree with the config and the world size); then stale extension build locks."""
-    from dpo_dist.engines.deepspeed_engine import DeepSpeedConfigError, fill_ds_config, load_ds_json
+    from dpo_dist.core.ds_json import DeepSpeedConfigError, load_ds_json
+    from dpo_dist.engines.deepspeed_engine import fill_ds_config
 
     t = cfg.sft_train() if stage == "sft" else cfg.train
     try:

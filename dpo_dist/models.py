@@ -186,6 +186,17 @@ def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False, *
     return tokenizer
 
 
+def model_from_state_dict(config, state: dict, *, dtype, trust_remote_code: bool = False):
+    """A causal LM of `config` holding `state` (a full state dict): (model, missing keys, unexpected keys).
+    Tied weights and the LM head (tied or recomputed) are not counted as missing."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", []) and "lm_head" not in k]
+    return model, missing, unexpected
+
+
 def load_causal_lm(path_or_id: str | Path, *, dtype, attn_implementation: str,
                    trust_remote_code: bool = False, **kwargs):
     """`AutoModelForCausalLM.from_pretrained` of the resolved directory with every dropout off.

@@ -17,7 +17,7 @@ from dpo_dist.config import Config
 
 def cache_ready(cfg: Config) -> bool:
     """True when the cache is complete, intact and was built for exactly this config (no Ray needed)."""
-    from dpo_dist.core.identity import training_cache
+    from dpo_dist.identity import training_cache
 
     manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
     if manifest is None or not all(manifest.is_complete(s) for s in cache_mod.SPLITS):
@@ -31,7 +31,7 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
     or, with `overwrite`, move that run aside (returns a note saying where to). With `check_cache`,
     also refuse a cache that is missing, incomplete or built for other work. The trainer's ranks
     check all of it again (they may be started by srun without this process)."""
-    from dpo_dist.core import identity as ident
+    from dpo_dist import identity as ident
 
     out_dir = Path(cfg.output_dir)
     if check_cache:
@@ -47,8 +47,8 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
 
 def run_identity_of(cfg: Config, world_size: int) -> dict:
     """The run.json identity a training run of `cfg` on `world_size` processes records."""
-    from dpo_dist.core import identity as ident
-    from dpo_dist.engines.deepspeed_engine import load_ds_json
+    from dpo_dist import identity as ident
+    from dpo_dist.core.ds_json import load_ds_json
     from dpo_dist.models import resolve_model_dir
 
     spec = ident.training_cache(cfg)
@@ -58,7 +58,7 @@ def run_identity_of(cfg: Config, world_size: int) -> dict:
 
 def training_complete(cfg: Config, world_size: int) -> bool:
     """True when output_dir holds this exact run, trained to its last step, metrics and export written."""
-    from dpo_dist.core import identity as ident
+    from dpo_dist import identity as ident
 
     out = Path(cfg.output_dir)
     final = out / "final_metrics.json"
@@ -111,7 +111,7 @@ def run_sft(cfg: Config, config_path: str | None, overrides: list[str], world_si
             overwrite: bool = False, base_dir: str | None = None) -> int:
     """The SFT stage under torchrun, skipped when sft.output_dir holds this exact run, finished.
     `overwrite` moves an SFT run aside only when it was started with other settings."""
-    from dpo_dist.core.identity import IdentityError
+    from dpo_dist.identity import IdentityError
     from dpo_dist.launch import run_torchrun
     from dpo_dist.stages.sft import sft_complete
 

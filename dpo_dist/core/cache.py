@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from dpo_dist.core.atomic import atomic_write_bytes
+from dpo_dist.core.data import SPLITS
 from dpo_dist.core.errors import UserError
 
 MANIFEST = "manifest.json"
 # 2: the fingerprint is identity.cache_identity (content, not names); names and shard size apart.
 FORMAT_VERSION = 2
-SPLITS = ("train", "eval")
 
 SCHEMA = pa.schema([
     ("id", pa.string()),

@@ -1,4 +1,4 @@
-"""Hashing leaves shared by core.data, core.cache and core.identity: remembered file hashes, short
+"""Hashing leaves shared by core.data, core.cache and identity: remembered file hashes, short
 hashes of values, and the one field-by-field compare. No project imports: a leaf.
 
 Hashing every byte of a multi-GB model is slow, so file hashes are remembered per (real path, size,

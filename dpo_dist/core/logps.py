@@ -68,7 +68,8 @@ def sequence_batch(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad
 def concat_batch(
     examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Build the concatenated [chosen; rejected] batch used by the trainer.
+    """The concatenated [chosen; rejected] batch of the padded layout (model.layout=padded; the
+    shared and packed layouts are core.packing's).
 
     Each example holds `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (responses only).
     Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i, right-padded: (2B, T).

@@ -1,6 +1,8 @@
 """Sampling responses from a loaded causal LM: per-row seeded streams, stop tokens, left padding.
 
-    texts = sample_texts(model, tokenizer, ["\\n\\nHuman: hi\\n\\nAssistant:"], max_new_tokens=64, seed=0)
+    stop = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
+    out = generate_ids(model, [prompt_input_ids(tokenizer, "Hi")], pad_id=pad_token_id(tokenizer), stop_ids=stop,
+                       max_new_tokens=64, temperature=1.0, seeds=[row_seed(0, "p0", 1.0, 0)])
 
 Each row samples from its own `torch.Generator`, seeded by `row_seed(seed, prompt_id, temperature,
 sample)`, and draws exactly one uniform per generated token: a row's text depends on its prompt, its
@@ -18,9 +20,6 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-from dpo_dist.core.tokenize import pad_token_id
-
 # Part of a generations folder's identity: bump when the same seed would give other tokens.
 SAMPLING_VERSION = 1
 
@@ -101,14 +100,16 @@ class RowSampler:
         return out.scatter_(1, order.gather(1, pos), 0.0)
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model generate() reads
+
+
 @contextmanager
 def _plain_generation_config(model):
     """The model's own generation defaults (repetition penalty, top_k, min_length, ...) set aside."""
-    from transformers import GenerationConfig
-
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model generate() reads
+    model = _base(model)
     saved = model.generation_config
-    model.generation_config = GenerationConfig()
+    model.generation_config = type(saved)()  # transformers' GenerationConfig, reached through the model
     try:
         yield
     finally:
@@ -121,8 +122,8 @@ def generate_ids(model, prompts: list[list[int]], *, pad_id: int, stop_ids: list
     """One left-padded batch through `model.generate`; temperature 0 is greedy (seeds unused).
     `synced_gpus`: every ZeRO-3 rank must call this, each forward gathering the partitioned weights."""
     import torch
-    from transformers import GenerationConfig
 
+    GenerationConfig = type(_base(model).generation_config)  # transformers', reached through the model
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])  # (B, L)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, L)
@@ -145,22 +146,3 @@ def generate_ids(model, prompts: list[list[int]], *, pad_id: int, stop_ids: list
             completions.append(Completion(row[:end], "stop", end + 1))
     return completions
 
-
-def sample_texts(model, tokenizer, prompts: list, max_new_tokens: int, seed: int, *, temperature: float = 0.0,
-                 top_p: float = 1.0, synced_gpus: bool = False) -> list[str]:
-    """Responses of an already-loaded model to `prompts` (texts or lists of messages), one batch, for
-    TensorBoard samples during training: greedy by default, else sampled with prompt i's stream
-    `row_seed(seed, str(i), temperature, 0)`. Special tokens are removed from the texts. The model is
-    put in eval mode for the call and returned to its mode after."""
-    pad_id = pad_token_id(tokenizer)
-    stop_ids = stop_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    ids = [prompt_input_ids(tokenizer, p) for p in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        completions = generate_ids(model, ids, pad_id=pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, synced_gpus=synced_gpus,
-                                   seeds=[row_seed(seed, str(i), temperature, 0) for i in range(len(ids))])
-    finally:
-        model.train(was_training)
-    return [tokenizer.decode(c.ids, skip_special_tokens=True) for c in completions]

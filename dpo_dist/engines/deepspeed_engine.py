@@ -8,16 +8,13 @@ from __future__ import annotations
 import copy
 import contextlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpo_dist.config import TrainConfig
-# Reading the JSON is below config (core.ds_json); named here, as every trainer imports them from here.
-from dpo_dist.core.ds_json import (SHIPPED_DS_CONFIGS, DeepSpeedConfigError, ds_json_path, load_ds_json,  # noqa: F401
-                                   precision)
+from dpo_dist.core.ds_json import DeepSpeedConfigError
 from dpo_dist.core.errors import UserError, causes
 
 
@@ -362,6 +359,13 @@ def weights_only_load(path: str, map_location=None):
                 raise pickle.UnpicklingError(f"{path}: holds {name or 'an object'} that a weights-only load refuses "
                                              "(not plain data); not loading it") from None
             allowed.append(obj)
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
+    """The full float32 weights of a ZeRO checkpoint (any stage), read on one process without an engine."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def lr_lambda(warmup: int, total: int, kind: str):

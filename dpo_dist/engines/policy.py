@@ -7,7 +7,8 @@ from pathlib import Path
 from dpo_dist.config import LoraConfig, ModelConfig
 from dpo_dist.core.atomic import DiskFullError
 from dpo_dist.core.removal import remove_tree
-from dpo_dist.engines.deepspeed_engine import (Dist, Engine, disk_full, on_main, precision, release_zero3,
+from dpo_dist.core.ds_json import precision
+from dpo_dist.engines.deepspeed_engine import (Dist, Engine, disk_full, on_main, release_zero3,
                                               zero3_init)
 
 
@@ -85,9 +86,8 @@ def _write_export(engine: Engine, state: dict, model_cfg: ModelConfig, lora: Lor
 def _write_folder(engine: Engine, state: dict, model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, tmp: Path,
                   tokenizer, merged_at_top: bool, original) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from dpo_dist.models import load_causal_lm
+    from dpo_dist.models import load_causal_lm, model_from_state_dict
 
     trust = model_cfg.trust_remote_code
     if lora.enabled:
@@ -104,9 +104,8 @@ def _write_folder(engine: Engine, state: dict, model_cfg: ModelConfig, lora: Lor
             merged.save_pretrained(str(merged_dir), safe_serialization=True)
             tokenizer.save_pretrained(str(merged_dir))
     else:
-        model = AutoModelForCausalLM.from_config(engine.module.config, dtype=torch.bfloat16, trust_remote_code=trust)
-        missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
-        missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", []) and "lm_head" not in k]
+        model, missing, unexpected = model_from_state_dict(engine.module.config, {k: v.cpu() for k, v in state.items()},
+                                                           dtype=torch.bfloat16, trust_remote_code=trust)
         if missing or unexpected:
             raise RuntimeError(f"export: gathered weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         model.generation_config = engine.module.generation_config

@@ -24,7 +24,7 @@ from dpo_dist.core.tokenize import pad_token_id
 
 def _load_model(cfg: Config, model: str | None, checkpoint: int | None, dtype):
     """(model, label, source path, step) for an exported folder, a LoRA adapter folder, or a checkpoint."""
-    from dpo_dist.models import load_causal_lm, load_model_config, resolve_model_dir
+    from dpo_dist.models import load_causal_lm, load_model_config, model_from_state_dict, resolve_model_dir
 
     trust = cfg.model.trust_remote_code
     if checkpoint is not None:
@@ -33,15 +33,12 @@ def _load_model(cfg: Config, model: str | None, checkpoint: int | None, dtype):
             raise UserError(f"{ckpt}/step-{checkpoint}: no complete checkpoint of step {checkpoint}")
         if cfg.model.lora.enabled:
             raise UserError("--checkpoint reads full-weight runs; for a LoRA run evaluate an export (--model)")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        from transformers import AutoModelForCausalLM
+        from dpo_dist.engines.deepspeed_engine import consolidated_state_dict
 
         policy_dir = resolve_model_dir(cfg.policy_model(), trust_remote_code=trust)
-        net = AutoModelForCausalLM.from_config(load_model_config(policy_dir, trust_remote_code=trust), dtype=dtype,
-                                               trust_remote_code=trust)
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"step-{checkpoint}")
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in getattr(net, "_tied_weights_keys", []) and "lm_head" not in k]
+        net, missing, unexpected = model_from_state_dict(load_model_config(policy_dir, trust_remote_code=trust),
+                                                         consolidated_state_dict(ckpt, f"step-{checkpoint}"), dtype=dtype,
+                                                         trust_remote_code=trust)
         if missing or unexpected:
             raise UserError(f"{ckpt}/step-{checkpoint}: its weights do not fit {policy_dir} "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -67,7 +64,7 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     import torch
     from tqdm import tqdm
 
-    from dpo_dist.core.identity import training_cache
+    from dpo_dist.identity import training_cache
     from dpo_dist.core.logps import layout_logps, split_chosen_rejected, to_device
     from dpo_dist.core.packing import pairs_layout
     from dpo_dist.core.loss import preference_loss
@@ -112,7 +109,7 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
             sums["margin"] += float((rc - rr).sum())
             sums["accuracy"] += float((rc > rr).float().sum())
     n = len(split)
-    from dpo_dist.core.identity import model_identity
+    from dpo_dist.identity import model_identity
 
     result = {"model": label or default_label, "model_path": source, "step": step, "n": n,
               **{k: v / n for k, v in sums.items()}, "loss_type": loss_cfg.loss_type, "beta": loss_cfg.beta,

@@ -245,7 +245,8 @@ class VLLMSampler:
 def generation_identity(cfg: Config, model_identity: str, checkpoint_step, tokenizer, items, dtype: str) -> dict:
     """What the rows depend on: weights, tokenizer, prompts (ids and their token ids), settings.
     Temperatures are not in it: each has its own folder, and new ones may be added later."""
-    from dpo_dist.core.identity import short_hash, tokenizer_identity
+    from dpo_dist.core.hashing import short_hash
+    from dpo_dist.identity import tokenizer_identity
     from dpo_dist.core.sampling import SAMPLING_VERSION
 
     g = cfg.generate
@@ -260,7 +261,8 @@ def generation_identity(cfg: Config, model_identity: str, checkpoint_step, token
 def prepare_folder(folder: Path, identity: dict, overwrite: bool) -> dict:
     """The manifest to continue: the folder's own when its identity matches, else a new one (refusing a
     folder of other work unless `overwrite`, which deletes its shards and manifest)."""
-    from dpo_dist.core.identity import diff, now
+    from dpo_dist.core.hashing import diff
+    from dpo_dist.identity import now
 
     path = folder / MANIFEST
     if path.is_file():
@@ -339,7 +341,7 @@ def run_generate(cfg: Config, model: str, label: str, out_dir: Path, checkpoint_
     """Sample `model`'s responses to the eval prompts into out_dir/label; returns that folder."""
     import torch
 
-    from dpo_dist.core.identity import model_identity
+    from dpo_dist.identity import model_identity
     from dpo_dist.models import load_tokenizer
 
     g = cfg.generate

@@ -167,7 +167,7 @@ class VerdictCache:
 
 def cache_path(cfg: Config) -> Path:
     """judge.cache_path, else judge.sqlite in $DPO_DIST_CACHE (default ~/.cache/dpo-dist)."""
-    from dpo_dist.core.identity import store_dir
+    from dpo_dist.core.hashing import store_dir
 
     return Path(cfg.judge.cache_path).expanduser() if cfg.judge.cache_path else store_dir() / "judge.sqlite"
 

@@ -214,7 +214,7 @@ def _matplotlib_dirs() -> None:
                 for var, sub in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"))]
     if all(_writable(d) for d in defaults):
         return
-    from dpo_dist.core.identity import store_dir
+    from dpo_dist.core.hashing import store_dir
 
     ours = store_dir() / "matplotlib"
     os.environ["MPLCONFIGDIR"] = str(ours if _writable(ours) else Path(os.environ.get("TMPDIR", "/tmp")) / "dpo-dist-matplotlib")

@@ -23,7 +23,7 @@ from dpo_dist.core.removal import remove_tree
 from dpo_dist.config import Config
 from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
 from dpo_dist.core.metrics import slow_bf16_note
-from dpo_dist.core.identity import CacheSpec, data_identity, training_cache
+from dpo_dist.identity import CacheSpec, data_identity, training_cache
 from dpo_dist.engines.ray_pool import ActorPool, init_ray
 from dpo_dist.core.tokenize import pad_token_id
 
@@ -81,7 +81,7 @@ def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int
 def estimate_rows(cfg: Config) -> int | None:
     """Rows of the train and eval sources for the progress bar's ETA (the data identity counts them);
     None when unknown."""
-    from dpo_dist.core.identity import pair_count
+    from dpo_dist.identity import pair_count
 
     try:
         ident = data_identity(cfg.data)

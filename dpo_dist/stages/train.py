@@ -12,26 +12,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dpo_dist.core.atomic import atomic_write_bytes, atomic_write_text
 from dpo_dist.core import cache as cache_mod
-from dpo_dist.engines import checkpoints
-from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
-from dpo_dist.engines.policy import export_model, load_policy, usable_layout_noted
 from dpo_dist.config import Config, to_yaml
-from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, build_engine, compute_init, fill_ds_config,
-                             load_ds_json, local_param_fraction, on_main, param_counts, precision, rank_rounds)
+from dpo_dist.core.ds_json import load_ds_json
 from dpo_dist.core.errors import UserError
-from dpo_dist.core.metrics import flatten, make_writer, memory_gb, mfu, peak_tflops
+from dpo_dist.core.metrics import flatten, memory_gb, mfu, peak_tflops
+from dpo_dist.engines import checkpoints, trainer
+from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
+from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, compute_init, local_param_fraction, on_main, param_counts,
+                                               rank_rounds)
+from dpo_dist.engines.policy import export_model
+from dpo_dist.engines.trainer import CKPT
 from dpo_dist.core.sampler import BatchPlan
-from dpo_dist.core.step0 import Step0Sums, step0_bound, step0_statistic  # noqa: F401  (the check's pure parts)
+from dpo_dist.core.step0 import Step0Sums, step0_bound
 from dpo_dist.core.tokenize import pad_token_id
 
-CKPT = "checkpoints"
 
 
 class Step0Error(UserError):
@@ -77,47 +77,27 @@ def prepare(cfg: Config, dist: Dist, resume: bool, overwrite: bool) -> Prepared:
 
 def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> tuple[Prepared, list[str]]:
     """Rank 0's checks; returns what is decided and the unfinished checkpoints removed."""
-    from dpo_dist.core import identity as ident
+    from dpo_dist import identity as ident
     from dpo_dist.models import resolve_model_dir
 
-    out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / CKPT
     spec = ident.training_cache(cfg)
     cache_mod.open_cache(cfg.resolved_cache_dir(), spec.identity)
     policy_dir = resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code)
     policy_weights = ident.model_identity(policy_dir)
-    ds_raw = load_ds_json(cfg.train.deepspeed_config)
-    run_id = ident.run_identity(cfg, spec.identity, policy_weights, world_size, ds_raw)
-    notes = []
-    if overwrite and ident.has_run(out_dir):
-        aside = ident.set_aside(out_dir, keep=[cfg.resolved_cache_dir()], extra=[cfg.export_dir()])
-        notes.append(f"moved the earlier run in {out_dir} aside to {aside}")
-    same = ident.check_run(out_dir, run_id)
-    latest = checkpoints.latest_complete(ckpt_dir)
-    if latest is not None and not resume:
-        raise FileExistsError(f"{ckpt_dir}: checkpoints of this run up to step {latest}; pass --resume to continue "
-                              "it, --overwrite to start over (the old run is moved aside), or another output_dir")
-    (out_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was for the job that has ended
-    gone = checkpoints.remove_partials(ckpt_dir)
-    if not same or ident.read_run(out_dir) != run_id:  # new, or allowed to train longer
-        ident.write_run(out_dir, run_id, {"policy": cfg.policy_model(), **spec.names})
+    run_id = ident.run_identity(cfg, spec.identity, policy_weights, world_size, load_ds_json(cfg.train.deepspeed_config))
+    notes, gone = trainer.claim_run_folder(Path(cfg.output_dir), run_id, resume, overwrite,
+                                           record={"policy": cfg.policy_model(), **spec.names},
+                                           aside={"keep": [cfg.resolved_cache_dir()], "extra": [cfg.export_dir()]})
     return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
                     None, False, notes), gone
 
 
 def _resume_point_main(cfg: Config, prepared: Prepared, gone: list[str], resume: bool, hashed: dict[str, str]) -> Prepared:
-    """Rank 0: damaged checkpoints set aside (with the ranks' digests), the step to resume at, and
-    whether the run is already complete."""
-    out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir) / CKPT
-    notes = list(prepared.notes)
-    if resume:
-        notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
-    latest = checkpoints.latest_complete(ckpt_dir)
-    if gone:
-        notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "
-                     + (f"step-{latest}" if latest is not None else "the start"))
-    run_id = prepared.identity
+    """Rank 0: the step to resume at (damaged checkpoints set aside), and whether the run is already complete."""
+    out_dir = Path(cfg.output_dir)
+    latest, notes = trainer.resume_point(out_dir / CKPT, prepared.notes, gone, resume, hashed)
     final = out_dir / "final_metrics.json"
-    finished = (resume and latest == run_id["train.steps"] and final.exists()
+    finished = (resume and latest == prepared.identity["train.steps"] and final.exists()
                 and (not cfg.export.enabled or cfg.export_dir().exists()))
     if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
         final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
@@ -198,7 +178,7 @@ def check_step0(stats: dict, prepared: Prepared, tolerance: float, dist: Dist, w
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_id: int) -> dict[str, float]:
+def eval_rewards(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_id: int) -> dict[str, float]:
     """Reward metrics over the whole eval split; every rank runs the same number of forwards (ZeRO-3)."""
     import torch
 
@@ -285,12 +265,9 @@ class Run:
 
 def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
     """Read the cache, plan the batches, build the engine, load the resume checkpoint."""
-    import torch
-
-    from dpo_dist.models import load_model_config, load_tokenizer
+    from dpo_dist.models import load_tokenizer
 
     tokenizer = load_tokenizer(prepared.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
-    pad_id = pad_token_id(tokenizer)
     manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
     train_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "train", manifest)
     eval_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "eval", manifest)
@@ -300,23 +277,11 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
         raise UserError(f"{len(train_split)} training pairs do not fill one global batch of {plan.global_batch} "
                         f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
     total_steps = prepared.identity["train.steps"]
-    model_config = load_model_config(prepared.policy_dir, trust_remote_code=cfg.model.trust_remote_code)
-    hidden = getattr(model_config, "hidden_size", 1024)
-    cfg.model.layout = usable_layout_noted(model_config, cfg.model.layout, dist.is_main)
-    ds_config = fill_ds_config(load_ds_json(t.deepspeed_config), t, dist.world_size, hidden,
-                               has_gpu=dist.device != "cpu", source=t.deepspeed_config)
-    torch.manual_seed(t.seed)
-    model, _keep = load_policy(cfg.model, cfg.model.lora, prepared.policy_dir, ds_config)
-    n_params, n_trainable = param_counts(model)
-    engine = build_engine(model, ds_config, t, total_steps)
-    start_step = 0
-    if prepared.resume_step:
-        state = engine.load(Path(cfg.output_dir) / CKPT, f"step-{prepared.resume_step}")
-        start_step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-    writer = make_writer(Path(cfg.output_dir) / "tb", dist.is_main, purge_step=start_step + 1 if start_step else None)
-    return Run(cfg, dist, prepared, engine, tokenizer, pad_id, train_split, eval_split, plan, total_steps,
-               start_step, writer, n_params, n_trainable, precision(ds_config))
+    built = trainer.build_policy(cfg.model, cfg.model.lora, t, prepared.policy_dir, dist, total_steps, Path(cfg.output_dir),
+                                 prepared.resume_step)
+    n_params, n_trainable = param_counts(built.model)
+    return Run(cfg, dist, prepared, built.engine, tokenizer, pad_token_id(tokenizer), train_split, eval_split, plan,
+               total_steps, built.start_step, built.writer, n_params, n_trainable, built.policy_dtype)
 
 
 def announce(run: Run) -> None:
@@ -359,8 +324,7 @@ def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, f
         out = dpo_forward(engine, batch, cfg)
         if step == 0:  # every micro-batch of the first step sees the reference's weights
             step0.add(out, batch)
-        engine.backward(out["losses"].mean())
-        checkpoints.maybe_killed("IN_STEP", step + 1, dist)
+        trainer.backward(engine, out["losses"].mean(), step, dist)
         if step == 0 and step0.micro_batches == len(micro_batches):  # before the optimizer moves a weight
             stats = step0_stats(step0, dist)
             bound = step0_bound(cfg, run.policy_dtype, run.prepared.cache_dtype, stats["tokens"], stats["sqrt_tokens"])
@@ -382,65 +346,30 @@ def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, f
     return metrics
 
 
-def save(run: Run, step: int) -> None:
-    import torch
-
-    plan = run.plan
-    state = {"step": step, "samples_consumed": step * plan.global_batch, "epoch": step // plan.steps_per_epoch,
-             "step_in_epoch": step % plan.steps_per_epoch, "torch_rng": torch.get_rng_state()}
-    checkpoints.save(run.engine, run.out_dir / CKPT, step, state, run.dist, run.cfg.train.keep_last)
-
-
 def run_steps(run: Run, stop: StopFlag) -> tuple[dict, int, bool]:
-    """The loop from start_step: returns (last train metrics, steps done, stopped early on request)."""
-    from tqdm import tqdm
+    """The loop from start_step (engines.trainer.run_loop): (last train metrics, steps done, stopped early on request)."""
+    cfg, dist = run.cfg, run.dist
 
-    t, dist = run.cfg.train, run.dist
-    progress = tqdm(total=run.total_steps, initial=run.start_step, unit="step", desc="training",
-                    disable=not dist.is_main, dynamic_ncols=True, mininterval=5)
-    metrics: dict = {}
-    epoch_plan: dict[int, list] = {}
-    lengths = run.train_split.lengths()
-    run.engine.train()
-    done = run.start_step
-    try:
-        for step in range(run.start_step, run.total_steps):
-            epoch, in_epoch = divmod(step, run.plan.steps_per_epoch)
-            if epoch not in epoch_plan:
-                epoch_plan = {epoch: run.plan.epoch_micro_batches(epoch, lengths)}
-            metrics = one_step(run, step, run.plan.rank_step(epoch_plan[epoch], in_epoch, dist.rank))
-            done = step + 1
-            if done % t.logging_steps == 0 or done == run.total_steps:
-                run.writer.add_scalars_dict("train", metrics, done)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-            if t.eval_steps and done % t.eval_steps == 0 and done != run.total_steps:
-                run.writer.add_scalars_dict("eval", evaluate(run.engine, run.eval_split, run.cfg, dist, run.pad_id), done)
-                log_samples(run, done)
-            saved = (t.save_steps and done % t.save_steps == 0) or done == run.total_steps
-            if saved:
-                save(run, done)
-            if f"step-{done}" in run.cfg.generate.models:  # a checkpoint to sample later (generate)
-                export_model(run.engine, run.cfg.model, run.cfg.model.lora, run.prepared.policy_dir,
-                             run.out_dir / "exports" / f"step-{done}", run.tokenizer, dist)
-            if os.environ.get("DPO_DIST_CRASH_AFTER_STEP") == str(done):  # failure injection for resume tests
-                raise SystemExit(f"DPO_DIST_CRASH_AFTER_STEP={done}: simulated crash")
-            if done < run.total_steps and stop.agreed(dist):
-                if not saved:
-                    save(run, done)
-                if dist.is_main:
-                    progress.write(f"[dpo-dist] {stop.reason()} received: stopped after step {done} and saved checkpoint "
-                                   f"step-{done}; resume (same command, --resume) to continue")
-                return metrics, done, True
-    finally:
-        progress.close()
-    return metrics, done, False
+    def evaluate(done: int) -> None:
+        run.writer.add_scalars_dict("eval", eval_rewards(run.engine, run.eval_split, cfg, dist, run.pad_id), done)
+        log_samples(run, done)
+
+    def after_step(done: int) -> None:
+        if f"step-{done}" in cfg.generate.models:  # a checkpoint to sample later (generate)
+            export_model(run.engine, cfg.model, cfg.model.lora, run.prepared.policy_dir,
+                         run.out_dir / "exports" / f"step-{done}", run.tokenizer, dist)
+
+    loop = trainer.Loop(run.engine, dist, run.plan, run.train_split.lengths(), run.total_steps, run.start_step, run.out_dir,
+                        cfg.train, run.writer, lambda step, micro: one_step(run, step, micro), evaluate,
+                        postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['rewards/accuracies']:.2f}"},
+                        after_step=after_step)
+    return trainer.run_loop(loop, stop)
 
 
 def finish(run: Run, metrics: dict) -> TrainResult:
     """Final eval over the held-out split, export, final_metrics.json, hparams."""
     cfg, dist, t = run.cfg, run.dist, run.cfg.train
-    eval_metrics = evaluate(run.engine, run.eval_split, cfg, dist, run.pad_id)
+    eval_metrics = eval_rewards(run.engine, run.eval_split, cfg, dist, run.pad_id)
     run.writer.add_scalars_dict("eval", eval_metrics, run.total_steps)
     log_samples(run, run.total_steps)
     export_dir = (export_model(run.engine, cfg.model, cfg.model.lora, run.prepared.policy_dir, cfg.export_dir(), run.tokenizer, dist)

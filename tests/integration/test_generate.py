@@ -22,7 +22,7 @@ import real_tokenizers as rt  # noqa: E402  (tests/real_tokenizers.py: the ChatM
 from dpo_dist.config import load_config  # noqa: E402
 from dpo_dist.core.data import iter_dataset  # noqa: E402
 from dpo_dist.core.generations import ROW_FIELDS, read_generations  # noqa: E402
-from dpo_dist.core.identity import model_identity  # noqa: E402
+from dpo_dist.identity import model_identity  # noqa: E402
 from dpo_dist.models import load_causal_lm, load_tokenizer  # noqa: E402
 from dpo_dist.stages.generate import (GenerateError, HFSampler, add_generate_args, default_label,  # noqa: E402
                                       plan_tasks, prompt_items, run_generate, run_generate_cli)

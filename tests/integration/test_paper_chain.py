@@ -42,7 +42,7 @@ def chain(tmp_path_factory):
 
 def test_sft_model_is_the_reference_and_the_initial_policy(chain):
     from dpo_dist.core.cache import load_manifest
-    from dpo_dist.core.identity import model_identity
+    from dpo_dist.identity import model_identity
 
     d = chain["dir"]
     # LoRA SFT: the export is the merged full model (a reference must be), the adapter beside it.

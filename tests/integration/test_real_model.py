@@ -115,7 +115,8 @@ def test_step0_statistic_passes_the_same_weights_and_refuses_other_weights(score
     from dpo_dist.core.packing import sequences_layout
     from dpo_dist.models import load_causal_lm
     from dpo_dist.config import Config
-    from dpo_dist.stages.train import collate, dpo_forward, step0_bound
+    from dpo_dist.core.step0 import step0_bound
+    from dpo_dist.stages.train import collate, dpo_forward
 
     cache_dir = scored_fp32.resolved_cache_dir()
     split = cache_mod.CachedSplit(cache_dir, "train", cache_mod.load_manifest(cache_dir))

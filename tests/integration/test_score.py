@@ -28,7 +28,7 @@ import ray  # noqa: F401
 
 from dpo_dist.core.cache import CacheError, load_manifest, open_cache, read_shard, verify  # noqa: E402
 from helpers import cmdline, manifest_shards, shard_hashes  # noqa: E402
-from dpo_dist.core.identity import training_cache  # noqa: E402
+from dpo_dist.identity import training_cache  # noqa: E402
 from dpo_dist.cli import main as cli_main  # noqa: E402
 from dpo_dist.config import load_config  # noqa: E402
 from dpo_dist.stages.score import run_scoring  # noqa: E402

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
+from dpo_dist.cli import data_check_main
 from dpo_dist.core.data import (
     DataError,
     DataReport,
     Pair,
-    data_check_main,
     iter_pairs,
     load_pairs,
     source_fingerprint,
@@ -319,7 +319,7 @@ def test_other_container_errors(tmp_path):
 
 
 def test_huge_line_invalid_utf8_and_unreadable_files_are_one_line_errors(tmp_path):
-    from dpo_dist.core import data as data_mod
+    from dpo_dist.core import readers as data_mod
 
     good = json.dumps(PAIRS[0])
     huge = tmp_path / "huge.jsonl"

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.config import TrainConfig
-from dpo_dist.engines.deepspeed_engine import BatchArithmeticError, fill_ds_config, load_ds_json, lr_lambda
+from dpo_dist.core.ds_json import load_ds_json
+from dpo_dist.engines.deepspeed_engine import BatchArithmeticError, fill_ds_config, lr_lambda
 from dpo_dist.core.sampler import BatchPlan
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dpo_dist.core import identity as ident
+from dpo_dist import identity as ident
 from dpo_dist.config import load_config
 
 

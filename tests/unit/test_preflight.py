@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.config import load_config
-from dpo_dist.engines.deepspeed_engine import BatchArithmeticError, DeepSpeedConfigError
+from dpo_dist.core.ds_json import DeepSpeedConfigError
+from dpo_dist.engines.deepspeed_engine import BatchArithmeticError
 from dpo_dist.launch import clear_stale_build_locks, preflight
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def test_the_shipped_deepspeed_json_is_found_from_any_working_folder(tmp_path, m
     folder that has its own wins; a name nobody has is still an error."""
     import json
 
-    from dpo_dist.engines.deepspeed_engine import SHIPPED_DS_CONFIGS, load_ds_json
+    from dpo_dist.core.ds_json import SHIPPED_DS_CONFIGS, load_ds_json
 
     monkeypatch.chdir(tmp_path)
     assert load_ds_json("ds_configs/zero3_bf16.json") == json.loads((SHIPPED_DS_CONFIGS / "zero3_bf16.json").read_text())

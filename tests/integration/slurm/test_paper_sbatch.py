@@ -19,7 +19,7 @@ KEY_ENV = "DPO_DIST_SLURM_JUDGE_KEY"
 
 
 def test_sbatch_runs_the_paper_recipe_over_two_nodes(slurm_cluster, work):
-    from dpo_dist.core.identity import model_identity
+    from dpo_dist.identity import model_identity
     from dpo_dist.fixtures.judge_server import JudgeServer
 
     c = slurm_cluster
