@@ -115,3 +115,24 @@ def assert_same_weights(got: dict, want: dict, init: dict) -> None:
     worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
     assert drift > 1e-3, drift  # the run really moved the weights (by ~0.01 here)
     assert worst <= 1e-3 * drift, f"max |resumed - uninterrupted| {worst:.3g} vs drift {drift:.3g}"
+
+
+def fake_checkpoint(ckpt: Path, step: int) -> Path:
+    """A marked-complete checkpoint folder of two ranks' small shard files (engines.checkpoints layout)."""
+    from dpo_dist.engines.checkpoints import LATEST, mark_complete
+
+    folder = ckpt / f"step-{step}"
+    (folder / "global_step").mkdir(parents=True)
+    (folder / "global_step" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 40)
+    (folder / "global_step" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"\x07" * 5000)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    mark_complete(folder, step)
+    (ckpt / LATEST).write_text(f"step-{step}\n")
+    return folder
+
+
+def flip(path: Path, at: int) -> None:
+    """One bit of the file at byte `at` flipped."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))

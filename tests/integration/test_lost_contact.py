@@ -8,6 +8,8 @@ import pytest
 
 from dpo_dist.core.errors import lost_contact
 
+pytestmark = pytest.mark.integration
+
 RANK = textwrap.dedent("""
     import datetime, os, signal, sys, time
     import torch, torch.distributed as dist

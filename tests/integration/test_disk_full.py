@@ -10,6 +10,8 @@ import pytest
 from dpo_dist.core.atomic import DiskFullError, atomic_write_bytes
 from dpo_dist.core.cache import write_shard
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture()
 def small_disk(tmp_path):
