@@ -8,9 +8,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout
+DPO = [sys.executable, "-m", "dpo_dist.cli"]  # `dpo-dist` as this interpreter runs it
+
+
+def offline_env(**more: str) -> dict:
+    """This process's environment for a subprocess of ours: offline hub, no tokenizer threads, Ray
+    without a token (loopback only), plus `more`."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled", **more)
 
 CUSTOM_CONFIG = '''from transformers import LlamaConfig
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
 

@@ -5,12 +5,11 @@ The clone uses this checkout's environment (VENV=...): `make test` itself has ju
 """
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_make_demo_from_a_fresh_clone(tmp_path):

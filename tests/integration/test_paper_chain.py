@@ -5,14 +5,13 @@ and pays the judge nothing; `--only` runs one stage of the recipe.
 """
 import json
 import secrets
-import sys
 
 import pytest
 
 from test_train import REPO, run, write_inputs
+from helpers import DPO
 
 pytestmark = pytest.mark.integration
-DPO = [sys.executable, "-m", "dpo_dist.cli"]
 KEY_ENV = "DPO_DIST_TEST_JUDGE_KEY"
 
 

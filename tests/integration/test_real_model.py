@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import scalars
+from helpers import DPO, REPO, scalars
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-DPO = [sys.executable, "-m", "dpo_dist.cli"]
 HH = REPO.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 

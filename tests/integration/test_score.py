@@ -27,14 +27,13 @@ import psutil
 import ray  # noqa: F401
 
 from dpo_dist.core.cache import CacheError, load_manifest, open_cache, read_shard, verify  # noqa: E402
-from helpers import cmdline, manifest_shards, shard_hashes  # noqa: E402
+from helpers import REPO, cmdline, manifest_shards, shard_hashes
 from dpo_dist.identity import training_cache  # noqa: E402
 from dpo_dist.cli import main as cli_main  # noqa: E402
 from dpo_dist.config import load_config  # noqa: E402
 from dpo_dist.stages.score import run_scoring  # noqa: E402
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 
 SYNTHETIC = ["data.eval_fraction=0.1", "score.shard_size=16", "score.cpu_actors=2", "score.threads_per_actor=1"]

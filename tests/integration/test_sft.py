@@ -7,15 +7,14 @@ whose export must be the merged model, is tested in test_paper_chain.py, where D
 """
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from test_train import REPO, assert_same_weights, run, scalars, weights, write_inputs
+from helpers import DPO
 
 pytestmark = pytest.mark.integration
-DPO = [sys.executable, "-m", "dpo_dist.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,15 @@
 """DeepSpeed JSON filling, batch arithmetic, lr schedule and the step sampler: pure, no engine."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from dpo_dist.config import TrainConfig
 from dpo_dist.core.ds_json import load_ds_json
 from dpo_dist.engines.deepspeed_engine import BatchArithmeticError, fill_ds_config, lr_lambda
 from dpo_dist.core.sampler import BatchPlan
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["zero3_bf16.json", "zero3_bf16_offload.json", "zero2_bf16.json", "zero0_bf16.json"])

@@ -5,16 +5,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from dpo_dist.config import load_config
 from dpo_dist.core.ds_json import DeepSpeedConfigError
 from dpo_dist.engines.deepspeed_engine import BatchArithmeticError
 from dpo_dist.launch import clear_stale_build_locks, preflight
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cfg_with(*overrides):

@@ -1,13 +1,12 @@
 """Every preset parses, resolves and passes the batch arithmetic on its intended cluster (no download)."""
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from dpo_dist.config import load_config
 from dpo_dist.core.ds_json import load_ds_json
 from dpo_dist.engines.deepspeed_engine import fill_ds_config
 
-REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
