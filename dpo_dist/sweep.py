@@ -277,7 +277,8 @@ def _sbatch(args: list[str], env: dict) -> str:
     cmd = ["sbatch", "--parsable", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ConfigError(f"{' '.join(shlex.quote(a) for a in cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        said = "; ".join(line.strip() for line in (proc.stderr.strip() or proc.stdout).splitlines() if line.strip())
+        raise ConfigError(f"{' '.join(shlex.quote(a) for a in cmd)} failed: {said}")  # one line, as every user error
     return proc.stdout.strip().split(";")[0]  # "jobid" or "jobid;cluster"
 
 
