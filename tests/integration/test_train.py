@@ -121,11 +121,22 @@ def test_export_loads_and_generates(learned):
     assert text.startswith("\n\nHuman:")
 
 
-def test_lora_run_exports_an_adapter_and_a_merged_model(work):
-    run(DPO + ["train", *base("run_lora", "train.max_steps=4", "model.lora.enabled=true", "model.lora.r=8",
-                                "model.lora.target_modules=[q_proj, v_proj]", "model.lora.merge_on_export=true",
-                                "model.gradient_checkpointing=true", "train.lr_scheduler=cosine",
-                                "train.save_steps=2", "train.keep_last=1")], work)
+# The LoRA run of the tests below: r=8 on q/v, merged export, gradient checkpointing, cosine schedule.
+LORA = ("train.max_steps=4", "model.lora.enabled=true", "model.lora.r=8", "model.lora.target_modules=[q_proj, v_proj]",
+        "model.lora.merge_on_export=true", "model.gradient_checkpointing=true", "train.lr_scheduler=cosine",
+        "train.save_steps=2", "train.keep_last=1")
+
+
+@pytest.fixture(scope="module")
+def lora_run(work):
+    """The LoRA run, uninterrupted (one torchrun launch shared by the LoRA tests)."""
+    run(DPO + ["train", *base("run_lora", *LORA)], work)
+    return work / "run_lora"
+
+
+def test_lora_run_exports_an_adapter_and_a_merged_model(work, lora_run):
+    """The LoRA run keeps one checkpoint (keep_last=1), exports a trained adapter that peft loads on
+    the base model and generates with, and a merged model (use_cache on) that computes what it does."""
     tags = sorted(p.name for p in (work / "run_lora" / "checkpoints").glob("step-*"))
     assert tags == ["step-4"]  # step-2 pruned by keep_last=1
     export = work / "run_lora" / "export"
@@ -154,6 +165,78 @@ def test_lora_run_exports_an_adapter_and_a_merged_model(work):
         a, b = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())  # merged weights are saved in bf16
     assert json.loads((export / "merged" / "config.json").read_text())["use_cache"] is True
+
+
+def adapter(export: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(export / "adapter_model.safetensors"))
+
+
+def test_lora_run_crashed_then_resumed_matches_the_uninterrupted_lora_run(work, lora_run):
+    """The LoRA run's config, crashed after step 3 (DPO_DIST_CRASH_AFTER_STEP: no export, no final
+    metrics, only checkpoint step-2 left by keep_last=1), then `train --resume`: it resumes at step 2
+    and its per-step losses, rewards and learning rates (the cosine schedule restored), its final eval
+    and its exported adapter are the uninterrupted run's, the adapter far inside how far training
+    moved it (lora_B starts at zero)."""
+    out, args = work / "run_lora_crash", base("run_lora_crash", *LORA)
+    crashed = run(DPO + ["train", *args], work, {"DPO_DIST_CRASH_AFTER_STEP": "3"}, check=False)
+    assert crashed.returncode != 0 and "DPO_DIST_CRASH_AFTER_STEP=3: simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-2"]
+    assert not (out / "export").exists() and not (out / "final_metrics.json").exists()
+    resumed = run(DPO + ["train", "--resume", *args], work)
+    assert "resuming at step 2" in resumed.stdout + resumed.stderr, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    a, b = scalars(lora_run / "tb"), scalars(out / "tb")
+    for tag in ("train/loss", "train/rewards/margins", "train/lr", "train/logps/chosen"):
+        assert sorted(b[tag]) == [1, 2, 3, 4], tag
+        for i in range(1, 5):
+            assert b[tag][i] == pytest.approx(a[tag][i], rel=1e-3, abs=1e-4), (tag, i)
+    want_eval = json.loads((lora_run / "final_metrics.json").read_text())["eval"]
+    got_eval = json.loads((out / "final_metrics.json").read_text())["eval"]
+    assert got_eval.keys() == want_eval.keys()
+    for key in want_eval:
+        assert got_eval[key] == pytest.approx(want_eval[key], rel=1e-3, abs=1e-4), key
+    got, want = adapter(out / "export"), adapter(lora_run / "export")
+    assert got.keys() == want.keys() and any("lora_A" in k for k in want) and any("lora_B" in k for k in want)
+    drift = max(float(v.float().abs().max()) for k, v in want.items() if "lora_B" in k)  # from zero
+    worst = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)  # lora_A and lora_B
+    assert drift > 1e-3, drift
+    assert worst <= 1e-3 * drift, f"max |resumed - uninterrupted| {worst:.3g} vs lora_B drift {drift:.3g}"
+
+
+def test_eval_of_a_lora_adapter_folder_gives_the_run_s_final_eval(work, lora_run):
+    """`dpo-dist eval --model <LoRA export>` loads the adapter on the base model its
+    adapter_config.json names. The check is against the training run's own final eval, computed by
+    the DeepSpeed engine on the live adapter before anything was written to disk (the merged export
+    is made from the same adapter file by the same peft load, so it would check less). The metrics
+    are the trained adapter's, not the base model's (margin about 0: the base is the reference)."""
+    proc = run(DPO + ["eval", "--model", str(lora_run / "export"), "--dtype", "bfloat16", *base("run_lora", *LORA)], work)
+    got = json.loads((lora_run / "eval" / "export.json").read_text())
+    assert "held-out reward accuracy" in proc.stdout and got["model"] == "export" and got["n"] == 96
+    assert "model_identity" not in got  # an adapter has no full-weights identity of its own
+    final = json.loads((lora_run / "final_metrics.json").read_text())["eval"]
+    # bf16 on both sides: equal up to summation order (~1e-4 relative here); one pair may flip
+    assert got["accuracy"] == pytest.approx(final["rewards/accuracies"], abs=1.01 / got["n"])
+    for mine, theirs in (("margin", "rewards/margins"), ("chosen_reward", "rewards/chosen"),
+                         ("rejected_reward", "rewards/rejected"), ("loss", "loss")):
+        assert got[mine] == pytest.approx(final[theirs], rel=5e-3), (mine, got, final)
+    assert got["margin"] > 0.005 and got["accuracy"] > 0.8, got  # trained: the base model (the reference) gives margin ~0
+
+
+def test_generate_refuses_a_lora_adapter_folder(work, lora_run):
+    """`dpo-dist generate --model <LoRA adapter folder>`: exit 2, one line naming the folder and
+    what to pass instead (its merged/ folder when there is one, else how to export one), and nothing
+    written (no generations folder, the run folder untouched)."""
+    bare = work / "adapter_only"  # an adapter export without merged/ (merge_on_export=false)
+    shutil.copytree(lora_run / "export", bare, ignore=shutil.ignore_patterns("merged"))
+    before = snapshot(work)
+    for folder, hint in (("run_lora/export", "pass --model run_lora/export/merged"),
+                         ("adapter_only", "export a merged model (model.lora.merge_on_export=true writes it to "
+                                          "<export>/merged) and pass that folder")):
+        proc = run(DPO + ["generate", "--model", folder, *base("run_lora", *LORA)], work, check=False)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [f"error: model {folder}: a LoRA adapter, not a full model; {hint}"], proc.stderr
+    assert snapshot(work) == before and not (lora_run / "generations").exists()
 
 
 def test_cache_from_another_model_is_refused(work):

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,107 @@ def test_sweep_on_slurm_scores_once_then_trains_every_run_in_an_array(slurm_clus
     rerun = re.search(r"array job (\d+)", again.stdout)[1]
     assert c.job_info(rerun).get("Dependency") == "(null)", c.job_info(rerun)
     c.run("scancel", rerun)
+
+
+def _jobs(c) -> set[str]:
+    """Every job id squeue knows (pending, running and recently finished)."""
+    return set(c.run("squeue", "-h", "-t", "all", "-o", "%i").stdout.split())
+
+
+def _sweep_slurm(c, work, name: str, runs: dict[str, str], overrides: list[str], sbatch_args: str,
+                 score_args: str = "") -> tuple[subprocess.CompletedProcess, Path]:
+    """`dpo-dist sweep --slurm` of a sweep file `name`.yaml (runs into work/`name`), as a user submits it."""
+    root = work / name
+    (work / f"{name}.yaml").write_text(f"output_dir: {root}\nruns:\n" + "".join(f"  {k}: [{v}]\n" for k, v in runs.items()))
+    cmd = DPO + ["sweep", "--config", "configs/demo.yaml", str(work / f"{name}.yaml"), *overrides, "--slurm",
+                 f"--sbatch-args={sbatch_args}", *([f"--score-sbatch-args={score_args}"] if score_args else [])]
+    return subprocess.run(cmd, cwd=REPO, env=job_env(c), capture_output=True, text=True, timeout=300), root
+
+
+def test_sweep_on_slurm_whose_scoring_job_fails_never_starts_the_array_tasks(slurm_cluster, work, request):
+    """A training file with a line that is not JSON: `sweep --slurm` does not read the data (only
+    scoring does), so it submits both jobs and says what to do if scoring fails. The scoring job
+    fails (FAILED, exit 1, the file and line named in its log); the array tasks, held by
+    --dependency=afterok, never start: they stay PENDING with Reason=DependencyNeverSatisfied (no task
+    log, no run folder) until cancelled as the submit output said."""
+    c = slurm_cluster
+    good = (work / "train.jsonl").read_text()
+    bad = work / "train_unreadable.jsonl"
+    bad.write_text(good + "{not json\n")
+    overrides = base_overrides(work, MAX_STEPS, cache="unreadable_cache", data__train=bad, export__enabled="false")
+    submit, root = _sweep_slurm(
+        c, work, "sweep_unreadable", {"b0.1": "loss.beta=0.1", "b0.3": "loss.beta=0.3"}, overrides,
+        f"--nodes=1 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 --time=10 --chdir={REPO} "
+        f"--output={work}/unreadable-%A_%a.out", f"--output={work}/unreadable-score.out")
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    score_job = re.search(r"scoring job (\d+)", submit.stdout)[1]
+    array_job = re.search(r"array job (\d+)", submit.stdout)[1]
+    request.addfinalizer(lambda: c.run("scancel", score_job, array_job, check=False))
+    assert (f"(if the scoring job fails, the array tasks wait forever with Reason=DependencyNeverSatisfied: "
+            f"scancel {array_job})") in submit.stdout, submit.stdout
+
+    score = c.wait(score_job, timeout=300)
+    log = (work / "unreadable-score.out").read_text(errors="replace")
+    assert score["JobState"] == "FAILED" and score["ExitCode"] == "1:0", (score, log[-6000:])
+    assert f"{bad}:{len(good.splitlines()) + 1}: invalid JSON" in log and "reference scoring failed" in log, log[-6000:]
+    deadline = time.monotonic() + 120  # a guard, not an assertion: the scheduler looks every 2 s
+    while (states := c.run("squeue", "-h", "-r", "-j", array_job, "-o", "%T %r").stdout.splitlines()) != [
+            "PENDING DependencyNeverSatisfied"] * 2:
+        assert time.monotonic() < deadline, (states, c.job_info(array_job))
+        time.sleep(1)
+    assert all(c.job_info(f"{array_job}_{task}")["StartTime"] == "Unknown" for task in ("0", "1"))
+    assert not list(work.glob(f"unreadable-{array_job}_*.out")) and not (root / "b0.1").exists() and not (root / "b0.3").exists()
+    c.run("scancel", array_job)
+    assert {c.wait(f"{array_job}_{task}", timeout=60)["JobState"] for task in ("0", "1")} == {"CANCELLED"}
+
+
+def test_sweep_on_slurm_names_the_scoring_job_to_cancel_when_the_array_submission_fails(slurm_cluster, work, request):
+    """The array submission fails after the scoring job was submitted: --sbatch-args names a
+    partition that does not exist, and --score-sbatch-args (which come after it) the real one, so
+    only the array's sbatch refuses (the scoring job is also --hold, so that it never runs). The
+    sweep exits 2 with one line: sbatch's own error and `scancel <the scoring job>`; that job is in
+    squeue, no array job was made and no sweep.json written."""
+    c = slurm_cluster
+    before = _jobs(c)
+    submit, root = _sweep_slurm(c, work, "sweep_no_array", {"b0.1": "loss.beta=0.1", "b0.3": "loss.beta=0.3"},
+                                base_overrides(work, MAX_STEPS, cache="no_array_cache"),
+                                f"--nodes=1 --gpus-per-node=0 --cpus-per-task=1 --time=10 --chdir={REPO} --partition=no_such_partition",
+                                "--partition=debug --hold")
+    scoring = re.search(r"scoring job (\d+)", submit.stdout)
+    assert scoring, submit.stdout + submit.stderr
+    score_job = scoring[1]
+    request.addfinalizer(lambda: c.run("scancel", score_job, check=False))
+    err = submit.stderr.strip().splitlines()
+    assert submit.returncode == 2 and len(err) == 1, submit.stdout + submit.stderr
+    assert err[0].startswith("error: sbatch --parsable") and "--array=0-1" in err[0], err
+    assert f"--dependency=afterok:{score_job}" in err[0] and "invalid partition" in err[0].lower(), err
+    assert err[0].endswith(f"(the scoring job {score_job} was submitted: scancel {score_job})"), err
+    assert _jobs(c) - before == {score_job}, (_jobs(c) - before)
+    info = c.job_info(score_job)
+    assert info["JobState"] == "PENDING" and info["Reason"] == "JobHeldUser", info
+    assert "array job" not in submit.stdout and not (root / "sweep.json").exists()
+    c.run("scancel", score_job)
+    assert c.wait(score_job, timeout=60)["JobState"] == "CANCELLED"
+
+
+def test_sweep_on_slurm_refuses_a_batch_that_does_not_fit_the_world_before_submitting(slurm_cluster, work):
+    """train.global_batch_size=16 with micro 4: on 2 nodes (world 2) the run with accumulation 2
+    fits, the run with the base's accumulation 4 (4 x 4 x 2 = 32) does not. `sweep --slurm` refuses
+    with exit 2 and one line naming the sweep file's line, the run, the arithmetic and what to change;
+    no job is submitted and nothing is written (no sweep folder, no cache)."""
+    c = slurm_cluster
+    before = _jobs(c)
+    submit, root = _sweep_slurm(c, work, "sweep_misfit", {"fits": "train.gradient_accumulation_steps=2", "b0.3": "loss.beta=0.3"},
+                                base_overrides(work, MAX_STEPS, cache="misfit_cache", train__micro_batch_size=4,
+                                               train__gradient_accumulation_steps=4, train__global_batch_size=16),
+                                f"--nodes=2 --gpus-per-node=0 --cpus-per-task=1 --time=10 --chdir={REPO}")
+    assert submit.returncode == 2, submit.stdout + submit.stderr
+    assert "2 node(s) x 1 process(es) = world 2" in submit.stdout, submit.stdout
+    assert submit.stderr.strip().splitlines() == [
+        f"error: {work / 'sweep_misfit.yaml'}:4: run 'b0.3': train.global_batch_size=16 but micro 4 x accumulation 4 x "
+        "world 2 = 32: change the nodes (--sbatch-args), NPROC_PER_NODE or the overrides"], submit.stderr
+    assert "scoring job" not in submit.stdout and _jobs(c) <= before
+    assert not root.exists() and not (work / "misfit_cache").exists()
 
 
 def test_job_shape_reads_sbatch_args_over_the_script_header(tmp_path):
