@@ -1,9 +1,11 @@
-"""Ray for the stages that fan shards out to actors (score, generate): connect or start a cluster,
-keep every actor busy, replace one that dies and retry its work.
+"""Ray for the stages that fan work out to actors (score, generate, the reward-model judge): connect
+or start a cluster, start one actor per GPU (else N CPU actors), keep every actor busy, replace one
+that dies and retry its work. Each stage passes only its actor class and its work call:
 
-    ray = init_ray()
-    pool = ActorPool(ray, lambda: Actor.remote(...), n_actors=2, max_retries=3, say=progress.write)
-    for task, out in pool.run(tasks, lambda actor, task: actor.work.remote(task), name=lambda t: f"shard {t.index}"):
+    cluster = connect_ray()                  # RAY_ADDRESS, else an embedded local cluster; its GPUs
+    progress = progress_bar(total, unit="shard", desc="scoring")
+    for task, out in run_actors(cluster, RefScorer, actor_kwargs, lambda actor, task: actor.score.remote(task),
+                                tasks, cfg.score, name=lambda t: f"shard {t.index}", progress=progress):
         write(task, out)                     # results arrive as they finish, not in task order
 
 Ray is imported inside the functions: importing this module starts nothing.
@@ -11,9 +13,13 @@ Ray is imported inside the functions: importing this module starts nothing.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sized
 
 from dpo_dist.core.errors import UserError
+
+if TYPE_CHECKING:
+    from dpo_dist.config import ScoreConfig
 
 
 # Ray's switch for "this node takes part in no cluster" (its default on macOS and Windows): the node's
@@ -141,6 +147,62 @@ class ActorPool:
         self.attempts.pop(id(task), None)
         self.idle.append(actor)
         yield task, out
+
+
+# ----------------------------------------------------------------------------- the one starter
+
+@dataclass(frozen=True)
+class Cluster:
+    """A connected Ray cluster and its GPU count: the pools place one actor per GPU, else CPU actors."""
+
+    ray: object
+    gpus: int
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus else "cpu"
+
+    def n_actors(self, settings: ScoreConfig) -> int:
+        """score.num_actors when set, else one per GPU, else score.cpu_actors."""
+        return settings.num_actors or (self.gpus if self.gpus else settings.cpu_actors)
+
+
+def connect_ray() -> Cluster:
+    """init_ray (RAY_ADDRESS, else an embedded cluster), with the GPUs the cluster has."""
+    ray = init_ray(num_cpus=None)
+    return Cluster(ray, int(ray.cluster_resources().get("GPU", 0)))
+
+
+def progress_bar(total: int | None, *, unit: str, desc: str, **kw):
+    """The terminal progress bar of a pool's run (tqdm); run_actors writes its notes on it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, **kw)
+
+
+def run_actors(cluster: Cluster, body: type, kwargs: dict, call: Callable, tasks: Iterable, settings: ScoreConfig, *,
+               name: Callable[[object], str], progress, advance: Callable[[object], int] = lambda task: 1,
+               where: Callable[[object], str] | None = None) -> Iterator[tuple[object, object]]:
+    """The driver loop of every pool: start `body` (an actor class) as cluster.n_actors(settings)
+    actors, at most one per task when `tasks` has a length, each as body(**kwargs, device=...) on one
+    GPU, or on score.threads_per_actor CPUs without GPUs; then ActorPool.run(tasks, call, ...), with
+    score.max_retries per task. Yields (task, result) as results arrive; once the caller is done
+    with one the progress bar moves on by advance(task). The bar (actor deaths are noted on it) is
+    closed when the run ends."""
+    n_actors = cluster.n_actors(settings)
+    if isinstance(tasks, Sized):
+        n_actors = min(n_actors, len(tasks))
+    actor_cls = cluster.ray.remote(body).options(num_gpus=1 if cluster.gpus else 0,
+                                                 num_cpus=1 if cluster.gpus else settings.threads_per_actor,
+                                                 max_restarts=0)
+    try:
+        pool = ActorPool(cluster.ray, lambda: actor_cls.remote(**kwargs, device=cluster.device), n_actors,
+                         max_retries=settings.max_retries, say=progress.write)
+        for task, out in pool.run(tasks, call, name=name, where=where):
+            yield task, out
+            progress.update(advance(task))
+    finally:
+        progress.close()
 
 
 def listening_addresses(slurm_job: str | None = None) -> dict[str, set[str]]:

@@ -385,34 +385,22 @@ def run_generate(cfg: Config, model: str, label: str, out_dir: Path, checkpoint_
 def _dispatch(cfg: Config, folder: Path, manifest: dict, todo: list[GenTask], total: int, actor_kwargs: dict,
               fixed: dict, result: GenerateResult) -> None:
     """Start the actors, write each shard as it arrives (then the manifest), update the progress bar."""
-    from tqdm import tqdm
-
     from dpo_dist.core.cache import sha256_file
-    from dpo_dist.engines.ray_pool import ActorPool, init_ray
+    from dpo_dist.engines.ray_pool import connect_ray, progress_bar, run_actors
 
-    ray = init_ray(num_cpus=None)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if cfg.generate.backend == "vllm" and not gpus:
+    cluster = connect_ray()
+    if cfg.generate.backend == "vllm" and not cluster.gpus:
         raise GenerateError("generate.backend=vllm needs GPUs and the Ray cluster has none; use generate.backend=hf")
-    n_actors = min(cfg.score.num_actors or (gpus if gpus else cfg.score.cpu_actors), len(todo))
     body = VLLMSampler if cfg.generate.backend == "vllm" else HFSampler
-    actor_cls = ray.remote(body).options(num_gpus=1 if gpus else 0, num_cpus=1 if gpus else cfg.score.threads_per_actor,
-                                         max_restarts=0)
-    device = "cuda" if gpus else "cpu"
-    progress = tqdm(total=total, initial=total - len(todo), unit="shard", desc=f"generating {fixed['model']}",
-                    dynamic_ncols=True)
-    pool = ActorPool(ray, lambda: actor_cls.remote(**actor_kwargs, device=device), n_actors, max_retries=cfg.score.max_retries, say=progress.write)
-    try:
-        for task, outs in pool.run(todo, lambda actor, task: actor.generate.remote(task), name=lambda t: f"shard {t.path}"):
-            rows = [{**_request_fields(task, r), **fixed, **out} for r, out in zip(task.requests, outs)]
-            write_shard(folder / task.path, [{k: row[k] for k in ROW_FIELDS} for row in rows])
-            manifest["shards"][task.path] = {"rows": len(rows), "sha256": sha256_file(folder / task.path)}
-            save_manifest(folder, manifest)
-            result.made += 1
-            result.rows += len(rows)
-            progress.update(1)
-    finally:
-        progress.close()
+    progress = progress_bar(total, initial=total - len(todo), unit="shard", desc=f"generating {fixed['model']}")
+    for task, outs in run_actors(cluster, body, actor_kwargs, lambda actor, task: actor.generate.remote(task), todo,
+                                 cfg.score, name=lambda t: f"shard {t.path}", progress=progress):
+        rows = [{**_request_fields(task, r), **fixed, **out} for r, out in zip(task.requests, outs)]
+        write_shard(folder / task.path, [{k: row[k] for k in ROW_FIELDS} for row in rows])
+        manifest["shards"][task.path] = {"rows": len(rows), "sha256": sha256_file(folder / task.path)}
+        save_manifest(folder, manifest)
+        result.made += 1
+        result.rows += len(rows)
 
 
 def _request_fields(task: GenTask, request: tuple[int, int, int]) -> dict:

@@ -468,31 +468,24 @@ def _check_reward_model(cfg: Config) -> str:
 def _score_on_ray(cfg: Config, model_path: str, texts: list[str]) -> list[float]:
     """Scores of `texts` from reward-model actors: chunks of at most score.shard_size texts spread over
     the actors (engines.ray_pool: a dead actor is replaced and its chunk retried)."""
-    from tqdm import tqdm
+    from dpo_dist.engines.ray_pool import connect_ray, progress_bar, run_actors
 
-    from dpo_dist.engines.ray_pool import ActorPool, init_ray
-
-    ray = init_ray(num_cpus=None)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_actors = cfg.score.num_actors or (gpus if gpus else cfg.score.cpu_actors)
-    actor_cls = ray.remote(RewardScorer).options(num_gpus=1 if gpus else 0,
-                                                 num_cpus=1 if gpus else cfg.score.threads_per_actor, max_restarts=0)
-    args = (model_path, cfg.inference_dtype(gpus), cfg.model.trust_remote_code, cfg.score.threads_per_actor,
-            cfg.data.max_length, cfg.score.token_budget, "cuda" if gpus else "cpu")
-    size = max(1, min(cfg.score.shard_size, math.ceil(len(texts) / n_actors)))
+    cluster = connect_ray()
+    kwargs = dict(model_path=model_path, dtype=cfg.inference_dtype(cluster.gpus),
+                  trust_remote_code=cfg.model.trust_remote_code, threads=cfg.score.threads_per_actor,
+                  max_length=cfg.data.max_length, token_budget=cfg.score.token_budget)
+    size = max(1, min(cfg.score.shard_size, math.ceil(len(texts) / cluster.n_actors(cfg.score))))
     chunks = [range(i, min(i + size, len(texts))) for i in range(0, len(texts), size)]
-    progress = tqdm(total=len(texts), unit="text", desc="reward model", dynamic_ncols=True, mininterval=2)
-    pool = ActorPool(ray, lambda: actor_cls.remote(*args), min(n_actors, len(chunks)),
-                     max_retries=cfg.score.max_retries, say=progress.write)
+    progress = progress_bar(len(texts), unit="text", desc="reward model", mininterval=2)
     scores = [0.0] * len(texts)
-    try:
-        for chunk, out in pool.run(chunks, lambda actor, chunk: actor.score.remote([texts[i] for i in chunk]),
-                                   name=lambda chunk: f"texts {chunk.start}-{chunk.stop - 1}"):
-            for i, score in zip(chunk, out):
-                scores[i] = score
-            progress.update(len(chunk))
-    finally:
-        progress.close()
+
+    def call(actor, chunk):
+        return actor.score.remote([texts[i] for i in chunk])
+
+    for chunk, out in run_actors(cluster, RewardScorer, kwargs, call, chunks, cfg.score, progress=progress, advance=len,
+                                 name=lambda chunk: f"texts {chunk.start}-{chunk.stop - 1}"):
+        for i, score in zip(chunk, out):
+            scores[i] = score
     return scores
 
 

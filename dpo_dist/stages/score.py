@@ -24,7 +24,7 @@ from dpo_dist.config import Config
 from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
 from dpo_dist.core.metrics import slow_bf16_note
 from dpo_dist.identity import CacheSpec, data_identity, training_cache
-from dpo_dist.engines.ray_pool import ActorPool, init_ray
+from dpo_dist.engines.ray_pool import Cluster, connect_ray, progress_bar, run_actors
 from dpo_dist.core.tokenize import pad_token_id
 
 
@@ -221,22 +221,20 @@ def run_scoring(cfg: Config) -> ScoreResult:
     data_identity(cfg.data)  # reads every pair once (then remembered): a bad source fails first, in seconds
     spec = training_cache(cfg)
     _tokenize_first_pairs(cfg, spec)
-    ray = init_ray(num_cpus=None)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if note := slow_bf16_note(spec.identity["reference.dtype"], "cuda" if gpus else "cpu"):
+    cluster = connect_ray()
+    if note := slow_bf16_note(spec.identity["reference.dtype"], cluster.device):
         print(f"[dpo-dist] scoring in bfloat16 (the training precision, score.dtype=auto): {note}", flush=True)
     manifest = prepare_cache_dir(cache_dir, spec, cfg.score.shard_size, cfg.score.overwrite)
     if manifest.shard_size != cfg.score.shard_size:
         print(f"[dpo-dist] {cache_dir}: continuing with its own shard size {manifest.shard_size} "
               f"(score.shard_size={cfg.score.shard_size} applies to new caches)", flush=True)
-    n_actors = cfg.score.num_actors or (gpus if gpus else cfg.score.cpu_actors)
-    actor_cls = ray.remote(RefScorer).options(
-        num_gpus=1 if gpus else 0, num_cpus=1 if gpus else cfg.score.threads_per_actor, max_restarts=0)
-    actor_args = (str(spec.ref_dir), str(spec.tokenizer_dir), spec.identity["reference.dtype"],
-                  cfg.model.attn_implementation, cfg.model.trust_remote_code, cfg.score.threads_per_actor,
-                  cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation_mode,
-                  cfg.score.token_budget, "cuda" if gpus else "cpu", cfg.model.layout, cfg.model.fused_head)
-    return _dispatch(cfg, manifest, cache_dir, lambda: actor_cls.remote(*actor_args), n_actors, ray)
+    actor_kwargs = dict(model_path=str(spec.ref_dir), tokenizer_path=str(spec.tokenizer_dir),
+                        dtype=spec.identity["reference.dtype"], attn_implementation=cfg.model.attn_implementation,
+                        trust_remote_code=cfg.model.trust_remote_code, threads=cfg.score.threads_per_actor,
+                        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                        truncation_mode=cfg.data.truncation_mode, token_budget=cfg.score.token_budget,
+                        layout=cfg.model.layout, fused_head=cfg.model.fused_head)
+    return _dispatch(cfg, manifest, cache_dir, cluster, actor_kwargs)
 
 
 def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
@@ -258,16 +256,14 @@ def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
             raise DataError(f"{source_name(cfg, split)}: {e}") from None
 
 
-def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult:
+def _dispatch(cfg: Config, manifest: cache_mod.Manifest, cache_dir: Path, cluster: Cluster, actor_kwargs: dict) -> ScoreResult:
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     result = ScoreResult(cache_dir)
     reports = {s: DataReport() for s in cache_mod.SPLITS}
     done: dict[str, int] = {}
     writer = SummaryWriter(str(cache_dir / "tb"))
-    progress = tqdm(total=estimate_rows(cfg), unit="pair", desc="scoring", dynamic_ncols=True)
-    pool = ActorPool(ray, new_actor, n_actors, max_retries=cfg.score.max_retries, say=progress.write)
+    progress = progress_bar(estimate_rows(cfg), unit="pair", desc="scoring")
     started = time.perf_counter()
 
     def record(task: ShardTask, out: dict) -> None:
@@ -297,12 +293,12 @@ def _dispatch(cfg, manifest, cache_dir, new_actor, n_actors, ray) -> ScoreResult
             yield task
 
     try:
-        for task, out in pool.run(to_score(), lambda actor, task: actor.score.remote(task),
-                                  name=lambda t: f"shard {t.split}/{t.index}", where=lambda t: source_name(cfg, t.split)):
+        for task, out in run_actors(cluster, RefScorer, actor_kwargs, lambda actor, task: actor.score.remote(task),
+                                    to_score(), cfg.score, name=lambda t: f"shard {t.split}/{t.index}",
+                                    where=lambda t: source_name(cfg, t.split), progress=progress,
+                                    advance=lambda t: len(t.pairs)):
             record(task, out)
-            progress.update(len(task.pairs))
     finally:
-        progress.close()
         writer.close()
     result.seconds = time.perf_counter() - started
     for split in cache_mod.SPLITS:
