@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dpo_dist.config.schema import STAGES, VALID, Config, ConfigError
+from dpo_dist.core.generations import MODEL_LABEL
 
 
 class _Origins:
@@ -67,7 +68,7 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
         ("generate.max_new_tokens", g.max_new_tokens > 0, "generate.max_new_tokens must be > 0"),
         ("generate.batch_size", g.batch_size > 0, "generate.batch_size must be > 0"),
         ("generate.shard_size", g.shard_size > 0, "generate.shard_size must be > 0"),
-        ("generate.models", all(isinstance(m, str) and (m in ("base", "sft", "dpo") or (m.startswith("step-") and m[5:].isdigit())) for m in g.models),
+        ("generate.models", all(isinstance(m, str) and MODEL_LABEL.fullmatch(m) for m in g.models),
          "generate.models entries must be base, sft, dpo or step-N"),
         ("judge.concurrency", cfg.judge.concurrency > 0, "judge.concurrency must be > 0"),
         ("judge.max_retries", cfg.judge.max_retries >= 0, "judge.max_retries must be >= 0"),

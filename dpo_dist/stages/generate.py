@@ -31,10 +31,8 @@ from dpo_dist.config import Config
 from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.removal import remove_tree
-from dpo_dist.core.generations import ROW_FIELDS, write_shard
+from dpo_dist.core.generations import GENERATIONS_MANIFEST, ROW_FIELDS, label_step, write_generation_shard
 from dpo_dist.core.tokenize import pad_token_id
-
-MANIFEST = "manifest.json"
 
 
 class GenerateError(UserError):
@@ -264,7 +262,7 @@ def prepare_folder(folder: Path, identity: dict, overwrite: bool) -> dict:
     from dpo_dist.core.hashing import diff
     from dpo_dist.identity import now
 
-    path = folder / MANIFEST
+    path = folder / GENERATIONS_MANIFEST
     if path.is_file():
         try:
             manifest = json.loads(path.read_text())
@@ -278,10 +276,10 @@ def prepare_folder(folder: Path, identity: dict, overwrite: bool) -> dict:
             raise GenerateError(f"{folder}: holds generations made with other settings ({'; '.join(lines)}); "
                                 "use another --label or --out, or pass --overwrite to replace them")
     elif folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise GenerateError(f"{folder}: folder exists, is not empty and holds no {MANIFEST}; refusing to write into it")
+        raise GenerateError(f"{folder}: folder exists, is not empty and holds no {GENERATIONS_MANIFEST}; refusing to write into it")
     if folder.is_dir():
         for p in folder.iterdir():
-            if p.name == MANIFEST or (p.is_dir() and p.name.startswith("temp-")):
+            if p.name == GENERATIONS_MANIFEST or (p.is_dir() and p.name.startswith("temp-")):
                 remove_tree(p, folder)
     return {"identity": identity, "temperatures": [], "shards": {}, "created": now()}
 
@@ -289,7 +287,7 @@ def prepare_folder(folder: Path, identity: dict, overwrite: bool) -> dict:
 def save_manifest(folder: Path, manifest: dict) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
+    atomic_write_bytes(folder / GENERATIONS_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
 
 
 # ----------------------------------------------------------------------------- driver
@@ -396,7 +394,7 @@ def _dispatch(cfg: Config, folder: Path, manifest: dict, todo: list[GenTask], to
     for task, outs in run_actors(cluster, body, actor_kwargs, lambda actor, task: actor.generate.remote(task), todo,
                                  cfg.score, name=lambda t: f"shard {t.path}", progress=progress):
         rows = [{**_request_fields(task, r), **fixed, **out} for r, out in zip(task.requests, outs)]
-        write_shard(folder / task.path, [{k: row[k] for k in ROW_FIELDS} for row in rows])
+        write_generation_shard(folder / task.path, [{k: row[k] for k in ROW_FIELDS} for row in rows])
         manifest["shards"][task.path] = {"rows": len(rows), "sha256": sha256_file(folder / task.path)}
         save_manifest(folder, manifest)
         result.made += 1
@@ -432,9 +430,9 @@ def default_label(cfg: Config, model: Path) -> tuple[str, int | None]:
         folder = Path(folder).resolve()
         if model in (folder, folder / "merged"):
             return label, None
-    step = re.fullmatch(r"step-(\d+)", model.parent.name if model.name == "merged" else model.name)
-    if step and out in model.parents:
-        return f"step-{int(step.group(1))}", int(step.group(1))
+    step = label_step(model.parent.name if model.name == "merged" else model.name)
+    if step is not None and out in model.parents:
+        return f"step-{step}", step
     if cfg.model.name_or_path and model == Path(cfg.model.name_or_path).expanduser().resolve():
         return "base", None
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", model.name).lstrip("._-") or "model", None
@@ -454,8 +452,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     label, step = default_label(cfg, Path(model))
     if args.label:
         label = args.label
-        match = re.fullmatch(r"step-(\d+)", label)
-        step = int(match.group(1)) if match else None
+        step = label_step(label)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / "generations"
     run_generate(cfg, model, label, out, checkpoint_step=step, overwrite=args.overwrite)
     return 0

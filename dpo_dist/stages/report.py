@@ -19,13 +19,13 @@ import argparse
 import io
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.errors import UserError
+from dpo_dist.core.generations import MODEL_LABEL, label_step
 
 FIGSIZE_IN, DPI = (6.4, 4.0), 100  # 640x400 px for every plot, so reports of different runs line up
 # Fixed colours, so that a series looks the same in every plot and report.
@@ -34,7 +34,6 @@ COLORS = {"train": "tab:blue", "eval": "tab:orange", "chosen": "tab:green", "rej
 TEMPERATURE_COLORS = ["tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "tab:green"]
 MODEL_ORDER = ("base", "sft", "dpo")
 MODEL_LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO"}
-MODEL_RE = re.compile(r"^(base|sft|dpo|step-(\d+))$")
 # The bound TensorBoard metrics (docs/DESIGN.md), in the order of the final-metrics table.
 PAIR_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                 "logps/chosen", "logps/rejected")
@@ -137,7 +136,7 @@ def load_win_rates(path: Path) -> dict:
     for i, row in enumerate(rows):
         where = f"rows[{i}]."
         model = _field(path, row, "model", where, str)
-        if not MODEL_RE.match(model):
+        if not MODEL_LABEL.fullmatch(model):
             raise ReportError(f"{path}: field '{where}model' must be base, sft, dpo or step-N, got {model!r}")
         _field(path, row, "checkpoint_step", where, int, nullable=True)
         _field(path, row, "temperature", where, float)
@@ -189,8 +188,7 @@ def checkpoint_step(row: dict) -> int | None:
     """A win-rate row's DPO step: checkpoint_step, else the N of a `step-N` label."""
     if row["checkpoint_step"] is not None:
         return row["checkpoint_step"]
-    match = MODEL_RE.match(row["model"])
-    return int(match.group(2)) if match.group(2) else None
+    return label_step(row["model"])
 
 
 def _row_order(row: dict) -> tuple:

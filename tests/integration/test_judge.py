@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.config import load_config
-from dpo_dist.core.generations import GenerationsError, write_shard
+from dpo_dist.core.generations import GenerationsError, write_generation_shard
 from dpo_dist.core.winrate import wilson_interval
 from dpo_dist.fixtures.judge_server import JudgeServer
 from dpo_dist.fixtures.synthetic import generate_pairs
@@ -59,7 +59,7 @@ def generations(tmp_path_factory) -> Path:
     rows = _rows()
     for model in ("dpo", "sft"):
         for temperature in (0.5, 1.0):
-            write_shard(folder / model / f"temp-{temperature}" / "shard-00000.jsonl",
+            write_generation_shard(folder / model / f"temp-{temperature}" / "shard-00000.jsonl",
                         [r for r in rows if (r["model"], r["temperature"]) == (model, temperature)])
     return folder
 
@@ -217,7 +217,7 @@ def test_one_line_errors_before_any_request(tmp_path, generations, monkeypatch):
 
         bad = tmp_path / "bad"
         row = {**_rows()[0], "reference": None}
-        write_shard(bad / "shard-00000.jsonl", [_rows()[1], row])
+        write_generation_shard(bad / "shard-00000.jsonl", [_rows()[1], row])
         with pytest.raises(JudgeError, match=r"shard-00000.jsonl:2: field 'reference' must be a string, got NoneType"):
             run_judge(_cfg(tmp_path, server), bad, tmp_path / "out")
 
@@ -239,7 +239,7 @@ def test_reward_model_judge_on_ray(tmp_path, ray_cluster):
     model = write_tiny_reward_model(tmp_path / "rm", seed=0)
     rows = [r for r in _rows() if r["model"] == "dpo" and r["temperature"] == 0.5]
     rows[0] = {**rows[0], "response": rows[0]["reference"]}  # the same text: equal scores, a tie
-    write_shard(tmp_path / "gen" / "shard-00000.jsonl", rows)
+    write_generation_shard(tmp_path / "gen" / "shard-00000.jsonl", rows)
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "judge.kind=reward_model", f"judge.reward_model={model}",
                              "score.cpu_actors=1", "score.threads_per_actor=1", "score.shard_size=4",
                              "score.token_budget=256"])
