@@ -1,21 +1,5 @@
-"""Responses of one model to the held-out prompts, sharded over Ray actors, resumable.
-
-    dpo-dist generate --config configs/demo.yaml                          # the DPO export, label "dpo"
-    dpo-dist generate --config CFG --model models/sft --label sft generate.temperatures=[0,0.7]
-
-The prompts are the first `generate.num_prompts` distinct prompts of the eval split (data.eval, or
-the data.eval_fraction held out of data.train), tokenized as training tokenized them. Each shard
-holds `generate.shard_size` prompts at one temperature; actors (one per GPU, else score.cpu_actors
-CPU actors) sample it in batches of `generate.batch_size` and the driver writes it whole:
-
-    OUT/<label>/manifest.json                model path, identity, settings, shards written
-    OUT/<label>/temp-<T>/shard-00000.jsonl   rows as core/generations.py describes them
-
-A rerun skips shard files that exist and adds temperatures not sampled yet. A rerun whose model
-weights, tokenizer, prompts or settings differ from the manifest is refused, naming each field
-(one folder never mixes two models); --overwrite deletes the old shards first. Temperature 0 is
-greedy and gives one sample per prompt (more would be copies).
-"""
+"""generate's driver: the model and its tokenizer checked, the folder's manifest (refused when it
+holds other work), the shards not written yet sampled on actors, each written whole; and its CLI."""
 from __future__ import annotations
 
 import argparse
@@ -29,34 +13,10 @@ from pathlib import Path
 
 from dpo_dist.config import Config
 from dpo_dist.core.atomic import atomic_write_bytes
-from dpo_dist.core.errors import UserError
-from dpo_dist.core.removal import remove_tree
 from dpo_dist.core.generations import GENERATIONS_MANIFEST, ROW_FIELDS, label_step, write_generation_shard
-from dpo_dist.core.tokenize import pad_token_id
-
-
-class GenerateError(UserError):
-    """A model, prompt set or generations folder that generate cannot use as asked."""
-
-
-@dataclass
-class PromptItem:
-    prompt_id: str  # the pair's id
-    prompt: str  # as text, before any chat template (prompt_text)
-    reference: str  # the chosen response's text
-    input_ids: list[int]  # the prompt ids training used (chat template and generation prompt included)
-
-
-@dataclass
-class GenTask:
-    temperature: float
-    index: int
-    items: list[PromptItem]
-    requests: list[tuple[int, int, int]]  # (item index, sample, seed), in row order
-
-    @property
-    def path(self) -> str:
-        return f"{temp_dir(self.temperature)}/shard-{self.index:05d}.jsonl"
+from dpo_dist.core.removal import remove_tree
+from dpo_dist.stages.generate.prompts import GenerateError, GenTask, plan_tasks, prompt_items
+from dpo_dist.stages.generate.samplers import HFSampler, VLLMSampler
 
 
 @dataclass
@@ -66,176 +26,6 @@ class GenerateResult:
     skipped: int = 0
     rows: int = 0
     seconds: float = 0.0
-
-
-def temp_dir(temperature: float) -> str:
-    """temp-0, temp-0.25, temp-1: the shortest text that reads back as the same number."""
-    short = f"{float(temperature):g}"
-    return f"temp-{short if float(short) == float(temperature) else repr(float(temperature))}"
-
-
-# ----------------------------------------------------------------------------- prompts
-
-def eval_pairs(d, limit: int) -> list:
-    """The first `limit` pairs of distinct prompts of the eval split, in data.py's order."""
-    from dpo_dist.core.data import iter_dataset, iter_pairs, source_options
-
-    if d.eval:
-        stream = iter_pairs(d.eval, **source_options(d, "eval"))
-    else:
-        stream = (pair for split, pair in iter_dataset(d) if split == "eval")
-    seen, out = set(), []
-    for pair in stream:
-        key = json.dumps(pair.prompt, sort_keys=True, ensure_ascii=False)
-        if key not in seen:
-            seen.add(key)
-            out.append(pair)
-            if len(out) == limit:
-                break
-    return out
-
-
-def prompt_text(prompt) -> str:
-    """A prompt as plain text for readers and judges: the text itself; for messages, a lone user turn's
-    content, else "Role: content" turns separated by blank lines."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and prompt[0]["role"] == "user":
-        return prompt[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
-
-
-def reference_text(chosen) -> str:
-    """The chosen response as text (a messages response: its turns' contents, blank-line separated)."""
-    return chosen if isinstance(chosen, str) else "\n\n".join(m["content"] for m in chosen)
-
-
-def prompt_items(cfg: Config, tokenizer) -> list[PromptItem]:
-    """Eval prompts with their training prompt ids (tokenize_pair on the whole pair: same template,
-    same truncation). Refuses an empty eval split or a pair the tokenizer cannot take, naming it."""
-    from dpo_dist.core.data import DataError
-    from dpo_dist.core.tokenize import tokenize_pair
-
-    d = cfg.data
-    pairs = eval_pairs(d, cfg.generate.num_prompts)
-    if not pairs:
-        where = f"data.eval ({d.eval})" if d.eval else f"data.eval_fraction={d.eval_fraction} of data.train ({d.train})"
-        raise GenerateError(f"no eval prompts: {where} holds none; generate samples held-out prompts, so set data.eval "
-                            "or a data.eval_fraction > 0")
-    source = d.eval or d.train
-    items = []
-    for pair in pairs:
-        try:
-            ids = tokenize_pair(tokenizer, pair, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                                truncation_mode=d.truncation_mode).prompt_input_ids
-        except ValueError as e:
-            raise DataError(f"{source}:{pair.row}: {e}") from None
-        items.append(PromptItem(pair.id, prompt_text(pair.prompt), reference_text(pair.chosen), ids))
-    return items
-
-
-def plan_tasks(items: list[PromptItem], temperatures: list[float], g) -> list[GenTask]:
-    """Every shard of every temperature; seeds per (prompt, temperature, sample)."""
-    from dpo_dist.core.sampling import row_seed
-
-    tasks = []
-    for t in temperatures:
-        samples = 1 if t == 0 else g.samples_per_prompt
-        for index, start in enumerate(range(0, len(items), g.shard_size)):
-            chunk = items[start:start + g.shard_size]
-            requests = [(i, s, row_seed(g.seed, item.prompt_id, t, s)) for i, item in enumerate(chunk) for s in range(samples)]
-            tasks.append(GenTask(t, index, chunk, requests))
-    return tasks
-
-
-# ----------------------------------------------------------------------------- the actors
-
-class HFSampler:
-    """transformers generate, batched (Ray actor body): one shard per call, rows in request order."""
-
-    def __init__(self, model_path: str, tokenizer_path: str, dtype: str, attn_implementation: str,
-                 trust_remote_code: bool, threads: int, device: str, settings: dict):
-        from dpo_dist.quiet import silence_known_noise
-
-        silence_known_noise()
-        import torch
-
-        from dpo_dist.core.sampling import stop_token_ids
-        from dpo_dist.models import load_causal_lm, load_tokenizer
-
-        if device == "cpu":
-            torch.set_num_threads(threads)
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
-        self.model = load_causal_lm(model_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
-                                    trust_remote_code=trust_remote_code).to(device)
-        self.model.eval()
-        self.model.requires_grad_(False)
-        tok = self.tokenizer
-        self.pad_id = pad_token_id(tok)
-        self.stop_ids = stop_token_ids(tok, self.model.generation_config.eos_token_id)
-        self.settings = settings
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def generate(self, task: GenTask) -> list[dict]:
-        from dpo_dist.core.sampling import generate_ids
-
-        s = self.settings
-        # Shortest prompts together: less padding. The order is fixed by the shard, so are the batches.
-        order = sorted(range(len(task.requests)), key=lambda r: len(task.items[task.requests[r][0]].input_ids))
-        out: list[dict] = [{}] * len(order)
-        for start in range(0, len(order), s["batch_size"]):
-            batch = order[start:start + s["batch_size"]]
-            completions = generate_ids(
-                self.model, [task.items[task.requests[r][0]].input_ids for r in batch], pad_id=self.pad_id,
-                stop_ids=self.stop_ids, max_new_tokens=s["max_new_tokens"], temperature=task.temperature,
-                top_p=s["top_p"], seeds=[task.requests[r][2] for r in batch])
-            for r, c in zip(batch, completions):
-                out[r] = {"response": self.tokenizer.decode(c.ids, skip_special_tokens=True),
-                          "finish_reason": c.finish_reason, "new_tokens": c.new_tokens}
-        return out
-
-
-class VLLMSampler:
-    """vLLM's LLM.generate (Ray actor body, one GPU): a seed per request, the same stop tokens."""
-
-    def __init__(self, model_path: str, tokenizer_path: str, dtype: str, attn_implementation: str,
-                 trust_remote_code: bool, threads: int, device: str, settings: dict):
-        from dpo_dist.quiet import silence_known_noise
-
-        silence_known_noise()
-        from vllm import LLM
-
-        from dpo_dist.core.sampling import stop_token_ids
-        from dpo_dist.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
-        self.llm = LLM(model=model_path, tokenizer=tokenizer_path, dtype=dtype, seed=settings["seed"],
-                       trust_remote_code=trust_remote_code)
-        self.stop_ids = stop_token_ids(self.tokenizer)
-        self.settings = settings
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def generate(self, task: GenTask) -> list[dict]:
-        from vllm import SamplingParams
-
-        s, stops = self.settings, set(self.stop_ids)
-        prompts = [{"prompt_token_ids": task.items[i].input_ids} for i, _, _ in task.requests]
-        params = [SamplingParams(n=1, temperature=task.temperature, top_p=s["top_p"] if task.temperature > 0 else 1.0,
-                                 max_tokens=s["max_new_tokens"], seed=seed, stop_token_ids=self.stop_ids,
-                                 detokenize=False) for _, _, seed in task.requests]
-        out = []
-        for result in self.llm.generate(prompts, params, use_tqdm=False):
-            c = result.outputs[0]
-            ids = list(c.token_ids)
-            kept = ids[:-1] if ids and ids[-1] in stops else ids  # whether vLLM lists the stop token or not
-            out.append({"response": self.tokenizer.decode(kept, skip_special_tokens=True),
-                        "finish_reason": "stop" if c.finish_reason == "stop" else "length",
-                        "new_tokens": len(kept) + (c.finish_reason == "stop")})
-        return out
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -285,7 +75,6 @@ def prepare_folder(folder: Path, identity: dict, overwrite: bool) -> dict:
 
 
 def save_manifest(folder: Path, manifest: dict) -> None:
-
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / GENERATIONS_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
 
