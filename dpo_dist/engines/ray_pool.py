@@ -167,6 +167,19 @@ class Cluster:
         return settings.num_actors or (self.gpus if self.gpus else settings.cpu_actors)
 
 
+def actor_init(device: str, threads: int) -> None:
+    """The first lines of every actor body (also when a test builds one in-process): the known library
+    noise off and its environment variables set (quiet), and on CPU torch's threads fixed to the
+    score.threads_per_actor Ray CPUs the actor holds."""
+    from dpo_dist.quiet import silence_known_noise
+
+    silence_known_noise()
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def connect_ray() -> Cluster:
     """init_ray (RAY_ADDRESS, else an embedded cluster), with the GPUs the cluster has."""
     ray = init_ray(num_cpus=None)

@@ -24,7 +24,7 @@ from dpo_dist.config import Config
 from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
 from dpo_dist.core.metrics import slow_bf16_note
 from dpo_dist.identity import CacheSpec, data_identity, training_cache
-from dpo_dist.engines.ray_pool import Cluster, connect_ray, progress_bar, run_actors
+from dpo_dist.engines.ray_pool import Cluster, actor_init, connect_ray, progress_bar, run_actors
 from dpo_dist.core.tokenize import pad_token_id
 
 
@@ -98,15 +98,11 @@ class RefScorer:
     def __init__(self, model_path: str, tokenizer_path: str, dtype: str, attn_implementation: str,
                  trust_remote_code: bool, threads: int, max_length: int, max_prompt_length: int,
                  truncation_mode: str, token_budget: int, device: str, layout: str = "shared", fused_head: bool = True):
-        from dpo_dist.quiet import silence_known_noise
-
-        silence_known_noise()
+        actor_init(device, threads)
         import torch
 
         from dpo_dist.models import load_causal_lm, load_tokenizer
 
-        if device == "cpu":
-            torch.set_num_threads(threads)
         self.device = device
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(model_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,

@@ -15,6 +15,7 @@ from dpo_dist.config import Config
 from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.generations import GENERATIONS_MANIFEST, ROW_FIELDS, label_step, write_generation_shard
 from dpo_dist.core.removal import remove_tree
+from dpo_dist.engines.ray_pool import connect_ray, progress_bar, run_actors
 from dpo_dist.stages.generate.prompts import GenerateError, GenTask, plan_tasks, prompt_items
 from dpo_dist.stages.generate.samplers import HFSampler, VLLMSampler
 
@@ -173,7 +174,6 @@ def _dispatch(cfg: Config, folder: Path, manifest: dict, todo: list[GenTask], to
               fixed: dict, result: GenerateResult) -> None:
     """Start the actors, write each shard as it arrives (then the manifest), update the progress bar."""
     from dpo_dist.core.cache import sha256_file
-    from dpo_dist.engines.ray_pool import connect_ray, progress_bar, run_actors
 
     cluster = connect_ray()
     if cfg.generate.backend == "vllm" and not cluster.gpus:

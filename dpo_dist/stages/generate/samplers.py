@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from dpo_dist.core.tokenize import pad_token_id
+from dpo_dist.engines.ray_pool import actor_init
 from dpo_dist.stages.generate.prompts import GenTask
 
 
@@ -13,16 +14,12 @@ class HFSampler:
 
     def __init__(self, model_path: str, tokenizer_path: str, dtype: str, attn_implementation: str,
                  trust_remote_code: bool, threads: int, device: str, settings: dict):
-        from dpo_dist.quiet import silence_known_noise
-
-        silence_known_noise()
+        actor_init(device, threads)
         import torch
 
         from dpo_dist.core.sampling import stop_token_ids
         from dpo_dist.models import load_causal_lm, load_tokenizer
 
-        if device == "cpu":
-            torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(model_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
                                     trust_remote_code=trust_remote_code).to(device)
@@ -60,9 +57,7 @@ class VLLMSampler:
 
     def __init__(self, model_path: str, tokenizer_path: str, dtype: str, attn_implementation: str,
                  trust_remote_code: bool, threads: int, device: str, settings: dict):
-        from dpo_dist.quiet import silence_known_noise
-
-        silence_known_noise()
+        actor_init(device, threads)
         from vllm import LLM
 
         from dpo_dist.core.sampling import stop_token_ids

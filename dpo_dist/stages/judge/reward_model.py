@@ -6,6 +6,7 @@ import math
 
 from dpo_dist.config import Config
 from dpo_dist.core.winrate import score_verdict
+from dpo_dist.engines.ray_pool import actor_init, connect_ray, progress_bar, run_actors
 from dpo_dist.stages.judge.verdicts import ORDERS, JudgeError, Usage, row_ident
 
 
@@ -14,15 +15,11 @@ class RewardScorer:
 
     def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, threads: int, max_length: int,
                  token_budget: int, device: str):
-        from dpo_dist.quiet import silence_known_noise
-
-        silence_known_noise()
+        actor_init(device, threads)
         import torch
 
         from dpo_dist.models import load_sequence_classifier, load_tokenizer
 
-        if device == "cpu":
-            torch.set_num_threads(threads)
         self.device = device
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         self.tokenizer.truncation_side = "left"  # the score is read at the last token: keep the end
@@ -72,8 +69,6 @@ def check_reward_model(cfg: Config) -> str:
 def _score_on_ray(cfg: Config, model_path: str, texts: list[str]) -> list[float]:
     """Scores of `texts` from reward-model actors: chunks of at most score.shard_size texts spread over
     the actors (engines.ray_pool: a dead actor is replaced and its chunk retried)."""
-    from dpo_dist.engines.ray_pool import connect_ray, progress_bar, run_actors
-
     cluster = connect_ray()
     kwargs = dict(model_path=model_path, dtype=cfg.inference_dtype(cluster.gpus),
                   trust_remote_code=cfg.model.trust_remote_code, threads=cfg.score.threads_per_actor,
