@@ -13,8 +13,9 @@ Ray is imported inside the functions: importing this module starts nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sized
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from dpo_dist.core.errors import UserError
 
