@@ -5,6 +5,7 @@ each (TRL with precompute_ref_log_probs), CPU.
 
     .venv/bin/pip install -e '.[bench]'                                  # TRL (bench-only)
     .venv/bin/python bench/bench_real_model.py [--pairs 1024] [--epochs 1] [--json out.json]
+    .venv/bin/python bench/bench_real_model.py --pairs 4 --held-out 2 --max-length 128 --micro 1 --accum 1 --eval-steps 1
 
 Each system runs in a fresh process (peak RSS is that process's). Recorded per eval step: held-out
 reward accuracy and margin of both; time: dpo-dist's scoring + epoch (optimizer steps only), TRL's
@@ -40,7 +41,7 @@ def prepare(work: Path, n_pairs: int, held_out: int, max_length: int) -> dict:
     model = ensure()
     tok = load_tokenizer(str(model))
     pairs, _ = load_pairs(str(HH))
-    rows, tokens = [], 0
+    rows = []
     for p in pairs:
         prompt = len(tok(p.prompt)["input_ids"])
         c, r = (len(tok(x)["input_ids"]) + 1 for x in (p.chosen, p.rejected))
@@ -85,7 +86,7 @@ def child_dd(work: Path, a: dict) -> dict:
     from dpo_dist.config import load_config
     from dpo_dist.stages import train as train_mod
     from dpo_dist.stages.score import run_scoring
-    from bench_vs_trl import _free_port
+    from bench_vs_trl import _free_port, forward_seconds
 
     ds = json.loads((REPO / "ds_configs" / "zero0_bf16.json").read_text())
     ds["bf16"] = {"enabled": a["precision"] == "bf16"}
@@ -111,10 +112,8 @@ def child_dd(work: Path, a: dict) -> dict:
 
     tb = scalars(Path(cfg.output_dir) / "tb")
     evals = {int(s): {"accuracy": v, "margin": tb["eval/rewards/margins"][s]} for s, v in tb["eval/rewards/accuracies"].items()}
-    manifest = json.loads((work / "cache" / "manifest.json").read_text())
-    fwd = sum(manifest["splits"][s].get("forward_seconds") or 0 for s in manifest["splits"])
-    return {"score_seconds": score_s, "score_forward_seconds": fwd, "epoch_seconds": final["step_time"]["seconds"],
-            "steps": final["steps"], "evals": evals}
+    return {"score_seconds": score_s, "score_forward_seconds": forward_seconds(work / "cache"),
+            "epoch_seconds": final["step_time"]["seconds"], "steps": final["steps"], "evals": evals}
 
 
 def child_trl(work: Path, a: dict) -> dict:
@@ -225,12 +224,15 @@ def main(argv=None) -> int:
         dd = results["dd"]
         # shared prompt: the body runs once over prompt + chosen + rejected, the head over response tokens only
         score_flops = body * info["all_tokens"] + 2 * head * info["all_response_tokens"]
-        score_frac = score_flops / dd["score_forward_seconds"] / (peak * 1e9)
+        # forward time where the cache records it; else the scorer's wall time (Ray and model load included)
+        score_s = dd["score_forward_seconds"] or dd["score_seconds"]
+        score_what = "" if dd["score_forward_seconds"] else " (end to end: no forward time in the cache manifest)"
+        score_frac = score_flops / score_s / (peak * 1e9)
         # LoRA: forward + input gradients through the frozen body and head (2 x forward); adapter grads negligible
         train_flops = 2 * (body * info["train_tokens"] + 2 * head * info["train_response_tokens"]) * args.epochs
         train_frac = train_flops / dd["epoch_seconds"] / (peak * 1e9)
         lines.append(f"\ndpo-dist FLOP/s as a fraction of the {args.precision} matmul peak ({peak:.0f} GFLOP/s): "
-                     f"scoring {score_frac:.0%}, training {train_frac:.0%} (dense matmul FLOPs; attention left out)")
+                     f"scoring {score_frac:.0%}{score_what}, training {train_frac:.0%} (dense matmul FLOPs; attention left out)")
     if {"dd", "trl"} <= set(results):
         dd, trl = results["dd"], results["trl"]
         ratio = (dd["score_seconds"] + dd["epoch_seconds"]) / (trl["precompute_seconds"] + trl["epoch_seconds"])

@@ -3,6 +3,7 @@ and padding efficiency of the batching, on the HH-RLHF harmless-base test file.
 
     .venv/bin/python bench/bench_score.py                      # ~5 min on a quiet 2-core CPU
     .venv/bin/python bench/bench_score.py --hidden-size 128 --layers 2 --max-samples 800   # quicker
+    .venv/bin/python bench/bench_score.py --hidden-size 64 --layers 2 --max-samples 48 --shard-size 16  # smallest (tests)
 
 What is timed (both sides exclude Ray start-up, actor start and model load):
 - scorer: `run_scoring` with 1 CPU actor of `--threads` torch threads, end to end through the driver
@@ -13,6 +14,9 @@ What is timed (both sides exclude Ray start-up, actor start and model load):
   shards 1..N-1 (pre-tokenized, batches built before the clock starts), the same length batches
   under the same token budget; only forward + log-probs are timed. It runs before and after the scorer and the mean is the
   reference (the machine may be shared). "plain loop + tokenization" adds the time to tokenize them.
+The scorer runs with `model.layout=padded model.fused_head=false`, the layout and head of the plain
+loop, so both do the same work on the same batches (the default shared layout and fused head are
+measured by bench_vs_trl.py's `score` systems).
 Tokens are real (attention-mask) tokens. Padding efficiency = real / padded tokens.
 """
 from __future__ import annotations
@@ -72,8 +76,7 @@ def plain_loop(model_dir: Path, rows: list[dict], token_budget: int, threads: in
     from transformers import AutoModelForCausalLM
 
     from dpo_dist.core.batching import length_batches
-    from dpo_dist.core.logps import concat_batch, concatenated_forward
-    from dpo_dist.stages.score import sequence_batch
+    from dpo_dist.core.logps import concat_batch, concatenated_forward, sequence_batch
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -163,7 +166,8 @@ def main() -> int:
     overrides = [f"model.name_or_path={model_dir}", f"data.train={args.hh}", f"cache_dir={cache}",
                  f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_prompt_length}",
                  f"score.shard_size={args.shard_size}", f"score.token_budget={args.token_budget}",
-                 "score.cpu_actors=1", f"score.threads_per_actor={args.threads}", "score.dtype=float32"]
+                 "score.cpu_actors=1", f"score.threads_per_actor={args.threads}", "score.dtype=float32",
+                 "model.layout=padded", "model.fused_head=false"]
     if args.max_samples:
         overrides.append(f"data.max_samples={args.max_samples}")
     result = run_scoring(load_config(None, overrides))

@@ -12,6 +12,7 @@ of 2 pairs) against caches written by the real scorer (`stages.score.RefScorer`)
            positions run on after chosen), an attention that ignores the mask
 
     .venv/bin/python bench/bench_step0_bound.py [--pairs 192] [--out step0.json]
+    .venv/bin/python bench/bench_step0_bound.py --model M --pairs 4 --max-length 128 --layer-scales 1.5 --sft-steps 1  # smallest
 
 Prints each configuration's check statistic over micro-batches of 2 pairs and its ratio to the
 bound (`core.step0.step0_bound`) for first steps of 1-8 pairs, and writes the raw per-sequence
@@ -177,7 +178,7 @@ def summarize(name: str, batches: list[list]) -> str:
     cells = []
     for k in (1, 2, 4, 8):
         r = ratios(batches, k, both_fp32)
-        cells.append(f"{min(r):.2f} - {max(r):.2f}")
+        cells.append(f"{min(r):.2f} - {max(r):.2f}" if r else "n/a")  # n/a: fewer than k pairs measured
     stat = sorted(sum(abs(d) for d, _ in b) / max(sum(t for _, t in b), 1) for b in batches)
     return f"| {name} | {stat[len(stat) // 2]:.2e} | {stat[-1]:.2e} | " + " | ".join(cells) + " |"
 
@@ -236,8 +237,9 @@ def main() -> None:
         results[f"wrong: {name}; cache float32, policy float32"] = diffs(v, cache["float32"])
     tick("broken layouts")
     others = {f"a cache of the model after {args.sft_steps} SFT steps (lr 1e-5)": sft_steps(model_dir, rows, args.sft_steps, 1e-5, pad)}
+    layer = policies["float32"].config.num_hidden_layers // 2  # 15 of SmolLM2-135M's 30
     for scale in args.layer_scales:
-        others[f"a cache with layer 15's MLP output x{scale:g}"] = one_layer_changed(model_dir, 15, scale)
+        others[f"a cache with layer {layer}'s MLP output x{scale:g}"] = one_layer_changed(model_dir, layer, scale)
     for name, other in others.items():
         ref = scored(other, rows, pad)
         for (dtype, layout), v in values.items():

@@ -131,6 +131,14 @@ def child_trl(system: str, work: Path, micro: int) -> dict:
             "memory": phases}
 
 
+def forward_seconds(cache: Path) -> float | None:
+    """The scoring actors' forward seconds summed over the cache's shards, where its manifest records
+    them per shard (`forward_seconds`); None where it does not."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    times = [e.get("forward_seconds") for split in manifest["splits"].values() for e in split["shards"].values()]
+    return sum(times) if times and None not in times else None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,9 +215,7 @@ def child_score(work: Path, micro: int, actors: int = 1) -> dict:
     overrides = _overrides(work, micro) + [f"cache_dir={cache}", f"score.cpu_actors={actors}", f"score.threads_per_actor={2 // actors}"]
     run_scoring(load_config(None, overrides))
     total = time.perf_counter() - started
-    manifest = json.loads((cache / "manifest.json").read_text())
-    forward = manifest["splits"]["train"].get("forward_seconds")
-    return {"epoch_seconds": total, "forward_seconds": forward}
+    return {"epoch_seconds": total, "forward_seconds": forward_seconds(cache)}
 
 
 # ----------------------------------------------------------------------------- parent

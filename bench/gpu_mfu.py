@@ -138,7 +138,7 @@ def measure(shape: dict, seq: int, attn: str, micro: int, layout: str, steps: in
         out[phase] = {"tokens_per_sec": micro * 2 * seq * steps / elapsed, "tflops": work / elapsed / 1e12,
                       "mfu": work / elapsed / peak if peak else None}
     out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else None
-    del engine, model
+    engine = model = None  # drop the references (train_step's closure holds engine) before freeing the cache
     if device != "cpu":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
