@@ -4,6 +4,7 @@ then log-softmax) against the fused head (core.logps.HeadTokenLogps: response to
 and Qwen2 (151,936). Forward and backward, float32 on CPU (bf16 halves the tensors of both paths).
 
     .venv/bin/python bench/bench_head_memory.py          # ~1 min
+    .venv/bin/python bench/bench_head_memory.py --tokens 256 --vocabs 49152   # smallest (tests): a few seconds
 
 Each case runs in a fresh process; memory = peak RSS during forward + backward minus RSS before
 (hidden states and head weight already allocated). The micro-batch: 8 sequences x 512 tokens
@@ -11,6 +12,7 @@ Each case runs in a fresh process; memory = peak RSS during forward + backward m
 """
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -23,15 +25,15 @@ VOCABS = {"SmolLM2 49,152": 49152, "Llama 3 128,256": 128256, "Qwen2 151,936": 1
 TOKENS, HIDDEN, RESPONSE_SHARE = 4096, 576, 0.4
 
 
-def child(path: str, vocab: int) -> dict:
+def child(path: str, vocab: int, tokens: int) -> dict:
     import torch
 
     from dpo_dist.core.logps import HEAD_CHUNK_ELEMENTS, HeadTokenLogps, token_logps_plain
 
     torch.manual_seed(0)
-    hidden = torch.randn(TOKENS, HIDDEN, requires_grad=True)
+    hidden = torch.randn(tokens, HIDDEN, requires_grad=True)
     weight = (torch.randn(vocab, HIDDEN) * 0.02).requires_grad_(True)
-    n_resp = int(TOKENS * RESPONSE_SHARE)
+    n_resp = int(tokens * RESPONSE_SHARE)
     targets = torch.randint(0, vocab, (n_resp,))
     positions = torch.arange(n_resp) * 2  # every other position carries a response token
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -48,17 +50,27 @@ def child(path: str, vocab: int) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print("RESULT " + json.dumps(child(sys.argv[2], int(sys.argv[3]))))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=TOKENS, help=f"positions in the micro-batch (default {TOKENS})")
+    ap.add_argument("--vocabs", default=",".join(map(str, VOCABS.values())), help="comma-separated vocabulary sizes")
+    ap.add_argument("--child", nargs=2, metavar=("PATH", "VOCAB"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), args.tokens)))
         return 0
-    print(f"| vocabulary | plain: full logits | fused head | ratio | values equal |")
+    names = {v: k for k, v in VOCABS.items()}
+    print(f"{args.tokens:,} positions, {int(args.tokens * RESPONSE_SHARE):,} response tokens, hidden size {HIDDEN}")
+    print("| vocabulary | plain: full logits | fused head | ratio | values equal |")
     print("|---|---|---|---|---|")
-    for name, vocab in VOCABS.items():
+    for vocab in (int(v) for v in args.vocabs.split(",")):
+        name = names.get(vocab, f"{vocab:,}")
         res = {}
         for path in ("plain", "fused"):
-            out = subprocess.run([sys.executable, __file__, "--child", path, str(vocab)], capture_output=True, text=True,
-                                 env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
-            line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+            out = subprocess.run([sys.executable, __file__, "--child", path, str(vocab), "--tokens", str(args.tokens)],
+                                 capture_output=True, text=True, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if out.returncode != 0 or line is None:
+                raise SystemExit(f"{path} head, vocabulary {vocab}: exit {out.returncode}\n{out.stderr[-3000:]}")
             res[path] = json.loads(line[7:])
         p, f = res["plain"], res["fused"]
         equal = abs(p["value"] - f["value"]) <= 1e-4 * abs(p["value"]) and abs(p["grad_norm"] - f["grad_norm"]) <= 1e-4 * p["grad_norm"]

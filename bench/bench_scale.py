@@ -3,6 +3,7 @@ tiny model and generated data, cut at each size; every figure comes from a fresh
 
     .venv/bin/python bench/bench_scale.py                                # 20,000 and 200,000 pairs
     .venv/bin/python bench/bench_scale.py --sizes 500,2000 --json /tmp/scale.json   # quick check
+    .venv/bin/python bench/bench_scale.py --sizes 40 --repeats 1 --no-warmup --extensions-dir .cache/torch_extensions  # smallest
 
 Inputs, built once in --work (default a temporary folder): a llama of hidden size 32, 1 layer, 2 heads
 (`write_tiny_model`, seed 0) and `write_synthetic_pairs(n=largest size, seed=1)`; each size takes the
@@ -269,6 +270,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="training runs per size; the median time and the "
                     "largest peak are shown (default: 3)")
     ap.add_argument("--extensions-dir", help="TORCH_EXTENSIONS_DIR of the runs (default: WORK/torch_extensions)")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="one unmeasured train run first, which builds DeepSpeed's op (--no-warmup: an --extensions-dir "
+                    "that holds it already)")
     args = ap.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-")).resolve()
@@ -288,9 +292,10 @@ def main() -> None:
         print(f"[{n}]   {s['summary']}", flush=True)
         print(f"[{n}]   processes seen under the driver: {', '.join(s['processes'])}", flush=True)
         results.append({"size": n, "score": s})
-    warm = with_output(overrides(work, model, data, sizes[0], args.threads), work / "run-warmup")
-    t = train(work, env, warm, "warmup")
-    print(f"warm-up train: wall {t['wall_s']:.1f}s (op built: {t['op_rebuilt']})", flush=True)
+    if args.warmup:
+        warm = with_output(overrides(work, model, data, sizes[0], args.threads), work / "run-warmup")
+        t = train(work, env, warm, "warmup")
+        print(f"warm-up train: wall {t['wall_s']:.1f}s (op built: {t['op_rebuilt']})", flush=True)
     for rep in range(args.repeats):  # sizes in turn, the order reversed every other round
         for r in results if rep % 2 == 0 else results[::-1]:
             n = r["size"]

@@ -1,6 +1,7 @@
 """This machine's matmul peak per dtype: the denominator of "fraction of peak" in the benchmarks.
 
     .venv/bin/python bench/matmul_peak.py [--threads 2] [--size 1024]
+    .venv/bin/python bench/matmul_peak.py --threads 1 --size 128      # smallest (tests): a second or two
 
 Times torch.matmul of two square matrices (and nn.Linear at a SmolLM2 MLP shape) in float32 and
 bf16 with the given thread count; prints the best GFLOP/s of each and one JSON line. On CPUs
@@ -26,16 +27,17 @@ def gflops(fn, flops: float, repeats: int = 5) -> float:
 
 
 def peaks(size: int = 1024, threads: int | None = None) -> dict[str, float]:
-    """Best GFLOP/s per dtype over a square matmul and a (tokens x 576) @ (576 x 1536) linear."""
+    """Best GFLOP/s per dtype over a square matmul and a (2 size x 576) @ (576 x 1536) linear."""
     if threads:
         torch.set_num_threads(threads)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        x, w = torch.randn(2048, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+        tokens = 2 * size
+        x, w = torch.randn(tokens, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
         out[str(dtype).removeprefix("torch.")] = max(
             gflops(lambda: a @ b, 2 * size ** 3, repeats=3 if dtype == torch.float32 else 1),
-            gflops(lambda: torch.nn.functional.linear(x, w), 2 * 2048 * 576 * 1536))
+            gflops(lambda: torch.nn.functional.linear(x, w), 2 * tokens * 576 * 1536))
     return out
 
 
