@@ -5,8 +5,10 @@ Every subcommand imports its engine lazily, so `dpo-dist data check` never loads
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser, base_dir: bool = True) -> None:
@@ -197,7 +199,7 @@ def _score(args) -> int:
 
 def _train(args) -> int:
     from dpo_dist.launch import num_procs, preflight, run_torchrun
-    from dpo_dist.pipeline import check_run_folder
+    from dpo_dist.pipeline import check_run_folder, training_complete
 
     cfg = _load(args)  # validate before starting processes
     world, has_gpu = num_procs(cfg)
@@ -205,6 +207,11 @@ def _train(args) -> int:
     note = check_run_folder(cfg, world, args.overwrite, check_cache=True)  # refuse before torchrun starts
     if note:
         print(f"[dpo-dist] {note}", flush=True)
+    elif args.resume and training_complete(cfg, world):  # the ranks would say so too, after starting up
+        final = Path(cfg.output_dir) / "final_metrics.json"
+        print(f"[dpo-dist] training already complete ({json.loads(final.read_text())['steps']} steps, {final}); "
+              "nothing to do", flush=True)
+        return 0
     return run_torchrun(cfg, args.config, args.overrides, resume=args.resume, base_dir=args.base_dir)
 
 

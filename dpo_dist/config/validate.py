@@ -97,7 +97,7 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
 
 def _validate_loss(cfg: Config, origins: _Origins) -> None:
     """The loss's own rules (loss type, beta, label smoothing, variant parameters), checked at load."""
-    from dpo_dist.core.loss import check_loss_args
+    from dpo_dist.core.loss_spec import check_loss_args
 
     loss = cfg.loss
     try:

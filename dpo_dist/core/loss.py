@@ -12,13 +12,14 @@ Notation used in the docstrings below, per example:
     ls = label_smoothing, sigma = logistic function, log sigma = F.logsigmoid
 Length-normalized variants first divide c and r by the response token counts.
 """
-import difflib
 import math
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dpo_dist.core.loss_spec import SPECS, check_scalars, resolve_params
 
 
 class Scores(NamedTuple):
@@ -183,32 +184,17 @@ def _simpo(s: Scores, beta: float, gamma: float) -> Tensor:
 
 class _Variant(NamedTuple):
     fn: Callable[..., Tensor]
-    params: dict | None = None  # variant-only parameters and their defaults
-    scores: str = "logratio"  # "logratio" | "avg_logratio" | "avg_policy" (see _scores)
-    label_smoothing: bool = False  # whether the variant reads label_smoothing
+    params: dict | None  # variant-only parameters and their defaults
+    scores: str  # "logratio" | "avg_logratio" | "avg_policy" (see _scores)
+    label_smoothing: bool  # whether the variant reads label_smoothing
 
 
-LOSSES: dict[str, _Variant] = {
-    "sigmoid": _Variant(_sigmoid, label_smoothing=True),
-    "robust": _Variant(_robust, label_smoothing=True),
-    "hinge": _Variant(_hinge),
-    "ipo": _Variant(_ipo, scores="avg_logratio"),
-    "exo_pair": _Variant(_exo_pair, label_smoothing=True),
-    "nca_pair": _Variant(_nca_pair),
-    "bco_pair": _Variant(_bco_pair, params={"bco_delta": 0.0}),
-    "sppo_hard": _Variant(_sppo_hard),
-    "aot": _Variant(_aot, label_smoothing=True),
-    "aot_unpaired": _Variant(_aot_unpaired, label_smoothing=True),
-    "apo_zero": _Variant(_apo_zero),
-    "apo_down": _Variant(_apo_down),
-    "discopop": _Variant(_discopop, params={"discopop_tau": 0.05}),
-    # Length-normalized DPO (Tulu 3's dpo_norm, arXiv:2411.15124): DPO on per-token log-ratios.
-    "sigmoid_norm": _Variant(_sigmoid, scores="avg_logratio", label_smoothing=True),
-    "simpo": _Variant(_simpo, params={"gamma": 0.5}, scores="avg_policy"),
-}
-
-# Accepted by every loss type (reference_free only where a reference is used at all).
-_COMMON_PARAMS = {"reference_free": False, "rpo_alpha": None}
+_FUNCTIONS = {"sigmoid": _sigmoid, "robust": _robust, "hinge": _hinge, "ipo": _ipo, "exo_pair": _exo_pair,
+              "nca_pair": _nca_pair, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "aot": _aot,
+              "aot_unpaired": _aot_unpaired, "apo_zero": _apo_zero, "apo_down": _apo_down, "discopop": _discopop,
+              "sigmoid_norm": _sigmoid, "simpo": _simpo}
+# Each loss type: its function here, its parameters and checks in loss_spec (which loads no torch).
+LOSSES: dict[str, _Variant] = {name: _Variant(_FUNCTIONS[name], *spec) for name, spec in SPECS.items()}
 
 
 def preference_loss(
@@ -251,8 +237,8 @@ def preference_loss(
     variant = LOSSES.get(loss_type)
     if variant is None:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
-    params = _resolve_params(loss_type, variant, variant_params)
-    label_smoothing = _check_scalars(loss_type, variant, beta, label_smoothing, params)
+    params = resolve_params(loss_type, variant_params)
+    label_smoothing = check_scalars(loss_type, beta, label_smoothing, params)
     _check_shapes(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
@@ -285,17 +271,6 @@ def preference_loss(
     return losses, (beta * scores.chosen).detach(), (beta * scores.rejected).detach()
 
 
-def check_loss_args(loss_type: str, beta: float, label_smoothing: float, params: dict) -> None:
-    """Raise ValueError, naming the argument, if preference_loss would refuse these arguments.
-
-    The config calls this at load time, so a bad loss setting fails before any work starts.
-    """
-    variant = LOSSES.get(loss_type)
-    if variant is None:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSSES)}")
-    _check_scalars(loss_type, variant, beta, label_smoothing, _resolve_params(loss_type, variant, dict(params)))
-
-
 def _require_lengths(needer: str, **lengths: Tensor | None) -> None:
     for name, value in lengths.items():
         if value is None:
@@ -315,49 +290,6 @@ def _scores(kind, pc, pr, rc, rr, chosen_lengths, rejected_lengths) -> Scores:
     elif kind == "avg_policy":
         c, r = pc / _per_token(chosen_lengths, pc), pr / _per_token(rejected_lengths, pr)
     return Scores(c, r, rc - rr)
-
-
-def _resolve_params(loss_type: str, variant: _Variant, given: dict) -> dict:
-    """Defaults overlaid with the caller's variant params; unknown names are errors."""
-    allowed = dict(_COMMON_PARAMS, **(variant.params or {}))
-    if variant.scores == "avg_policy":
-        del allowed["reference_free"]  # simpo never uses a reference
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), sorted(allowed), n=1)
-        raise ValueError(
-            f"unknown parameter {unknown[0]!r} for loss_type={loss_type!r}; "
-            + (f"did you mean {close[0]!r}? " if close else "") + f"accepted: {', '.join(sorted(allowed))}"
-        )
-    return {**allowed, **given}
-
-
-def _check_scalars(loss_type: str, variant: _Variant, beta, label_smoothing, params: dict) -> float:
-    """Validate beta, label_smoothing and variant params; returns the label_smoothing to use."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta} (loss_type={loss_type!r})")
-    if not variant.label_smoothing and label_smoothing != 0:
-        users = ", ".join(k for k, v in LOSSES.items() if v.label_smoothing)
-        raise ValueError(
-            f"label_smoothing={label_smoothing} has no effect for loss_type={loss_type!r}; "
-            f"set it to 0 (it applies to: {users})"
-        )
-    if loss_type == "exo_pair":
-        if label_smoothing == 0:
-            label_smoothing = 1e-3  # EXO needs eps > 0: log(eps) is part of the loss
-        if not 0 < label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in (0, 0.5) for exo_pair, got {label_smoothing}")
-    elif not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for {loss_type}, got {label_smoothing}")
-    if "discopop_tau" in params and not params["discopop_tau"] > 0:
-        raise ValueError(f"discopop_tau must be > 0, got {params['discopop_tau']}")
-    if "gamma" in params and not params["gamma"] >= 0:
-        raise ValueError(f"gamma (SimPO target margin) must be >= 0, got {params['gamma']}")
-    if params["rpo_alpha"] is not None and not params["rpo_alpha"] >= 0:
-        raise ValueError(f"rpo_alpha must be >= 0 or None, got {params['rpo_alpha']}")
-    if not isinstance(params.get("reference_free", False), bool):
-        raise ValueError(f"reference_free must be True or False, got {params['reference_free']!r}")
-    return label_smoothing
 
 
 def _check_shapes(**tensors: Tensor | None) -> None:
