@@ -40,10 +40,11 @@ $(VENV)/.installed: setup.py
 # Two workers: most tests wait on subprocesses (Ray start-up, Slurm, torchrun imports), so two at
 # once fill 2 cores. Each test file runs whole on one worker (its fixtures are built once); Slurm
 # test files on both workers share one local cluster (tests/integration/slurm/conftest.py).
-# PYTEST_WORKERS=0: one process.
+# --no-loadscope-reorder keeps the order of tests/conftest.py (heaviest files first), not xdist's
+# (most tests first, which started the single-test Slurm files last). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
 test: install real-model
-	$(PY) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -52,3 +52,33 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"CI=true and {item.nodeid} was skipped: {reason}"
+
+
+# Rough seconds per file on a 2-core machine (clean-clone `make test`, --durations); files not named
+# weigh 0 and keep their order. `make test` runs with --dist loadfile --no-loadscope-reorder, so a
+# free worker takes the next file in this order: the longest files start first and the short ones
+# fill the end, instead of an hour-long tail behind a single-test Slurm file started last.
+FILE_SECONDS = {
+    "integration/test_train.py": 400, "integration/test_score.py": 250,
+    "integration/slurm/test_dpo_hh_sbatch.py": 240, "integration/slurm/test_faults_sbatch.py": 210,
+    "integration/test_real_model.py": 200, "integration/test_paper_chain.py": 170,
+    "integration/slurm/test_dpo_sweep_sbatch.py": 160, "integration/slurm/test_paper_sbatch.py": 150,
+    "integration/test_sft.py": 100, "integration/test_generate.py": 90, "integration/test_demo.py": 75,
+    "integration/test_judge.py": 60, "integration/test_bench.py": 60, "integration/test_checkpoint_ranks.py": 50,
+    "integration/test_disk_full.py": 40, "integration/test_lost_contact.py": 40,
+    "integration/slurm/test_slurm_cluster.py": 30,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest files first (a stable sort: tests keep their order within a file)."""
+    tests_dir = Path(__file__).resolve().parent
+
+    def weight(item) -> float:
+        try:
+            rel = Path(str(item.path)).resolve().relative_to(tests_dir).as_posix()
+        except ValueError:
+            return 0.0
+        return FILE_SECONDS.get(rel, 0.0)
+
+    items.sort(key=lambda item: -weight(item))
