@@ -254,7 +254,7 @@ def check_run(out_dir: Path, identity: dict) -> bool:
     if not has_run(out_dir):
         return False
     recorded = read_run(out_dir)
-    how = f"use another output_dir (one run folder per run; the cache can be shared) or pass --overwrite to move the old run aside"
+    how = "use another output_dir (one run folder per run; the cache can be shared) or pass --overwrite to move the old run aside"
     if recorded is None:
         raise IdentityError(f"{out_dir}: holds a run that does not record its config (older dpo-dist or a foreign "
                             f"folder); {how}")

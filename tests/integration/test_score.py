@@ -232,8 +232,8 @@ def test_ray_job_submit_gives_identical_shards(baseline, tiny_model, synthetic_p
         project = tmp_path / "project"
         (project / "configs").mkdir(parents=True)
         (project / "configs" / "score.yaml").write_text(
-            f"model: {{name_or_path: models/tiny}}\ndata: {{train: data/train.jsonl, eval_fraction: 0.1}}\n"
-            f"output_dir: outputs/run\ncache_dir: outputs/cache\nscore: {{shard_size: 16, cpu_actors: 2, dtype: float32}}\n")
+            "model: {name_or_path: models/tiny}\ndata: {train: data/train.jsonl, eval_fraction: 0.1}\n"
+            "output_dir: outputs/run\ncache_dir: outputs/cache\nscore: {shard_size: 16, cpu_actors: 2, dtype: float32}\n")
         shutil.copytree(tiny_model, project / "models" / "tiny")
         (project / "data").mkdir()
         shutil.copy(synthetic_path, project / "data" / "train.jsonl")
