@@ -15,6 +15,7 @@ from typing import Any
 
 from dpo_dist.config import TrainConfig
 from dpo_dist.core.ds_json import DeepSpeedConfigError
+from dpo_dist.core.schedule import lr_lambda
 from dpo_dist.core.errors import UserError, causes
 
 
@@ -368,25 +369,25 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
-def lr_lambda(warmup: int, total: int, kind: str):
-    """Multiplier of the peak lr: linear warmup, then linear / cosine decay to 0, or constant."""
-    import math
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant" or total <= warmup:
-            return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
+def _import_muon_uncompiled() -> None:
+    """DeepSpeed's ZeRO initialize imports its Muon optimizer (to ask whether ours is one), and that
+    module wraps a kernel in torch.compile at import: ~2-3 s of inductor imports per rank, at every
+    start. We never train with Muon: imported here with dynamo off, the kernel stays plain Python."""
+    saved = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # read by torch.compile when it is applied, not later
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        os.environ.pop("TORCHDYNAMO_DISABLE") if saved is None else os.environ.update(TORCHDYNAMO_DISABLE=saved)
 
 
 def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int) -> Engine:
     import deepspeed
     import torch
 
+    _import_muon_uncompiled()
     params = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(train.warmup_steps, total_steps, train.lr_scheduler)
     # A factory: DeepSpeed calls it with its inner torch optimizer (the ZeRO wrapper is not one),
