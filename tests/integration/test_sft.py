@@ -3,7 +3,7 @@
 One run learns the chosen responses (NLL falls, TensorBoard has the sft/ tags, the export is a full
 model whose held-out NLL matches the reported one); a crashed copy resumes to the same weights; the
 finished folder is skipped, and reused with other settings is refused naming the field. (LoRA SFT,
-whose export must be the merged model, is tested in test_paper_chain.py, where DPO uses it.)
+whose export must be the merged model, is tested in slurm/test_paper_sbatch.py, where DPO uses it.)
 """
 import json
 import math

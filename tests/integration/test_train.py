@@ -365,7 +365,8 @@ def test_changed_settings_are_refused_before_any_work(work, learned):
 
 def test_overwrite_moves_the_old_run_aside_and_zero2_trains(work, learned):
     """--overwrite with other settings (here the shipped ZeRO-2 JSON and another beta) moves the
-    finished run aside and trains the new one in its place. (zero3_bf16_offload.json differs from
+    finished run aside and trains the new one in its place; resumed with a larger max_steps (allowed),
+    it trains on and keeps the shorter run's final metrics. (zero3_bf16_offload.json differs from
     zero3_bf16.json only in offload blocks a CPU cannot exercise: test_presets checks it.)"""
     copy = work / "run_copy"
     shutil.copytree(learned, copy)
@@ -385,6 +386,7 @@ def test_overwrite_moves_the_old_run_aside_and_zero2_trains(work, learned):
                                                    f"train.deepspeed_config={REPO}/ds_configs/zero2_bf16.json")], work)
     assert "resuming at step 2" in longer.stdout + longer.stderr
     assert json.loads((copy / "final_metrics.json").read_text())["steps"] == 3
+    assert json.loads((copy / "final_metrics.step-2.json").read_text())["steps"] == 2  # the shorter run's, kept
 
 
 def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
@@ -394,8 +396,8 @@ def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
     2. SIGTERM (as Slurm's SIGUSR1) mid-run: the ranks finish their step, save and exit 0;
     3. a bit of that checkpoint flipped on disk: it is set aside and the one before it resumed;
     4. rank 1 SIGKILLed mid-step: the job fails with one line saying where a rerun continues.
-    Resumed to the end, its per-step metrics and final weights are the uninterrupted run's. Then a
-    larger max_steps trains on (allowed on resume); a plain rerun without --resume is refused."""
+    Resumed to the end, its per-step metrics and final weights are the uninterrupted run's; a plain
+    rerun without --resume is refused. (A larger max_steps on resume: the ZeRO-2 test above.)"""
     out, args = work / "run_p", base("run_p", "train.save_steps=4")
     crashed = run(DPO + ["train", *args], work, {"DPO_DIST_KILL_DURING_SAVE": "8:1"}, check=False)
     assert crashed.returncode != 0
@@ -444,11 +446,6 @@ def test_killed_save_and_sigterm_resume_to_the_uninterrupted_run(work, learned):
             assert b[tag][i] == pytest.approx(a[tag][i], rel=1e-3, abs=1e-4), (tag, i)
     assert_same_weights(weights(out / "export"), weights(learned / "export"), weights(work / "model"))
 
-    longer = run(DPO + ["train", "--resume", *args, "train.max_steps=18"], work)
-    assert "resuming at step 16" in longer.stdout + longer.stderr
-    assert json.loads((out / "final_metrics.json").read_text())["steps"] == 18
-    assert json.loads((out / "final_metrics.step-16.json").read_text())["steps"] == 16
-
 
 def test_a_hung_rank_fails_the_job_after_the_collective_timeout(work):
     """Rank 1 hangs (alive, never reaching the next collective) in step 3: rank 0's collective times
@@ -468,38 +465,21 @@ def one_process_stage0(run_dir: Path, *more: str) -> list[str]:
                 "train.save_steps=2", "train.eval_steps=0", "train.sample_prompts=0", *more)
 
 
-def test_disk_full_while_saving_then_resume_with_zero_stage0_on_one_process(work):
-    """ZeRO stage 0 on one process (what one GPU should run), the run folder on a real tmpfs sized so
-    that step-4's checkpoint fits and step-6's does not: the save fails with the disk named, the
-    failure line says where a rerun continues (step-4, intact); with space freed, --resume ends the run."""
-    with small_disk(work / "small_disk") as disk:
-        args = one_process_stage0(disk / "run", "export.enabled=false")
-        run(DPO + ["train", *args, "train.max_steps=2"], work)
-        step2 = sum(p.stat().st_size for p in (disk / "run" / "checkpoints" / "step-2").rglob("*") if p.is_file())
-        used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
-        subprocess.run(["mount", "-o", f"remount,size={(used + step2 * 3 // 2) // 1024 + 64}k", str(disk)], check=True)
-        full = run(DPO + ["train", "--resume", *args, "train.max_steps=8"], work, check=False)
-        ckpts = disk / "run" / "checkpoints"
-        assert full.returncode != 0 and f"{ckpts / 'step-6'}: the disk is full" in full.stderr, full.stderr[-3000:]
-        last = full.stderr.strip().splitlines()[-1]
-        assert f"the disk holding {ckpts} is full" in last and last.endswith(f"last complete checkpoint, {ckpts / 'step-4'}"), last
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        resumed = run(DPO + ["train", "--resume", *args, "train.max_steps=8"], work)
-        said = resumed.stdout + resumed.stderr
-        assert "removed unfinished checkpoint(s) step-6" in said and "resuming at step 4" in said and "ZeRO stage 0" in said
-        assert json.loads((disk / "run" / "final_metrics.json").read_text())["steps"] == 8
-
-
-def test_disk_full_while_exporting_keeps_the_previous_export_then_resume_exports(work):
-    """One process, ZeRO stage 0, the run folder on a real tmpfs: a first run exports at step 2; a
-    longer one finds room for step-4's checkpoint and not for its export (safetensors says `os error
-    28`): one line names the export and the full disk, the partial export.tmp is gone, the step-2
-    export is the same bytes and loads; with space freed, --resume re-exports (not "already complete")."""
+def test_disk_full_while_exporting_then_while_saving_each_resumes_with_zero_stage0_on_one_process(work):
+    """ZeRO stage 0 on one process (what one GPU should run), the run folder on a real tmpfs. A first
+    run exports at step 2.
+    1. A longer one finds room for step-4's checkpoint and not for its export (safetensors says `os
+       error 28`): one line names the export and the full disk, the partial export.tmp is gone, the
+       step-2 export is the same bytes and loads; with space freed, --resume re-exports (not "already
+       complete").
+    2. Longer again, sized so that step-6's checkpoint does not fit: the save fails with the disk
+       named, the failure line says where a rerun continues (step-4, intact); with space freed,
+       --resume ends the run."""
     import hashlib
 
     from transformers import AutoModelForCausalLM
 
-    with small_disk(work / "export_disk") as disk:
+    with small_disk(work / "small_disk") as disk:
         args = one_process_stage0(disk / "run")
         run(DPO + ["train", *args, "train.max_steps=2"], work)
         export, ckpts = disk / "run" / "export", disk / "run" / "checkpoints"
@@ -507,10 +487,14 @@ def test_disk_full_while_exporting_keeps_the_previous_export_then_resume_exports
         def sha() -> str:  # read, not memory-mapped: a mapped file would keep the tmpfs from unmounting
             return hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
 
+        def kib(d: Path) -> int:
+            return sum(p.stat().st_blocks * 512 for p in d.rglob("*") if p.is_file()) // 1024
+
+        def resize(kibs: int) -> None:
+            subprocess.run(["mount", "-o", f"remount,size={kibs}k", str(disk)], check=True)
+
         first = sha()
-        held = {d: sum(p.stat().st_blocks * 512 for p in d.rglob("*") if p.is_file()) // 1024 for d in (ckpts / "step-2", export)}
-        size = shutil.disk_usage(disk).used // 1024 + held[ckpts / "step-2"] + held[export] // 2  # KiB: step-4 fits, its export not
-        subprocess.run(["mount", "-o", f"remount,size={size}k", str(disk)], check=True)
+        resize(shutil.disk_usage(disk).used // 1024 + kib(ckpts / "step-2") + kib(export) // 2)  # step-4 fits, its export not
         full = run(DPO + ["train", "--resume", *args, "train.max_steps=4"], work, check=False)
         last = full.stderr.strip().splitlines()[-1]
         assert full.returncode == 2 and last.startswith(f"error: {export}: the disk is full (") and last.endswith(
@@ -518,12 +502,23 @@ def test_disk_full_while_exporting_keeps_the_previous_export_then_resume_exports
             "checkpoints are untouched: free space, then rerun with --resume to export again"), full.stderr[-3000:]
         assert not (disk / "run" / "export.tmp").exists() and not (disk / "run" / "final_metrics.json").exists()
         assert sha() == first and AutoModelForCausalLM.from_pretrained(str(export)).config.use_cache
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resize(64 * 1024)
         resumed = run(DPO + ["train", "--resume", *args, "train.max_steps=4"], work)
         assert "resuming at step 4" in resumed.stdout + resumed.stderr and "already complete" not in resumed.stdout
         assert json.loads((disk / "run" / "final_metrics.json").read_text())["steps"] == 4
         assert sha() != first and not (disk / "run" / "export.tmp").exists()
         assert AutoModelForCausalLM.from_pretrained(str(export)).config.use_cache
+
+        resize(shutil.disk_usage(disk).used // 1024 + kib(ckpts / "step-4") // 2)  # step-6's checkpoint does not fit
+        full = run(DPO + ["train", "--resume", *args, "train.max_steps=8"], work, check=False)
+        assert full.returncode != 0 and f"{ckpts / 'step-6'}: the disk is full" in full.stderr, full.stderr[-3000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert f"the disk holding {ckpts} is full" in last and last.endswith(f"last complete checkpoint, {ckpts / 'step-4'}"), last
+        resize(64 * 1024)
+        resumed = run(DPO + ["train", "--resume", *args, "train.max_steps=8"], work)
+        said = resumed.stdout + resumed.stderr
+        assert "removed unfinished checkpoint(s) step-6" in said and "resuming at step 4" in said and "ZeRO stage 0" in said
+        assert json.loads((disk / "run" / "final_metrics.json").read_text())["steps"] == 8
 
 
 def test_sweep_trains_each_run_from_one_cache(work):
