@@ -15,8 +15,8 @@ from typing import Any
 
 from dpo_dist.config import TrainConfig
 from dpo_dist.core.ds_json import DeepSpeedConfigError
-from dpo_dist.core.schedule import lr_lambda
 from dpo_dist.core.errors import UserError, causes
+from dpo_dist.core.schedule import lr_lambda
 
 
 class BatchArithmeticError(UserError, ValueError):
@@ -370,9 +370,8 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
 
 
 def _import_muon_uncompiled() -> None:
-    """DeepSpeed's ZeRO initialize imports its Muon optimizer (to ask whether ours is one), and that
-    module wraps a kernel in torch.compile at import: ~2-3 s of inductor imports per rank, at every
-    start. We never train with Muon: imported here with dynamo off, the kernel stays plain Python."""
+    """ZeRO's initialize imports DeepSpeed's Muon module, whose import-time torch.compile costs ~2-3 s
+    of inductor imports per rank. We never train with Muon: imported with dynamo off, it compiles nothing."""
     saved = os.environ.get("TORCHDYNAMO_DISABLE")
     os.environ["TORCHDYNAMO_DISABLE"] = "1"  # read by torch.compile when it is applied, not later
     try:
@@ -380,7 +379,10 @@ def _import_muon_uncompiled() -> None:
     except ImportError:  # a DeepSpeed without Muon
         pass
     finally:
-        os.environ.pop("TORCHDYNAMO_DISABLE") if saved is None else os.environ.update(TORCHDYNAMO_DISABLE=saved)
+        if saved is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = saved
 
 
 def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int) -> Engine:

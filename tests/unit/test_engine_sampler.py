@@ -81,16 +81,16 @@ def test_sampler_groups_by_length():
 def test_deepspeed_s_muon_import_compiles_nothing_and_leaves_dynamo_on():
     """build_engine imports DeepSpeed's Muon module first with dynamo off (its import-time
     torch.compile costs seconds per rank); afterwards TORCHDYNAMO_DISABLE is as it was."""
+    import os
     import subprocess
     import sys
 
     code = ("import os, sys, torch, torch._dynamo\n"
             "from dpo_dist.engines.deepspeed_engine import _import_muon_uncompiled\n"
             "_import_muon_uncompiled()\n"
-            "from deepspeed.runtime.zero.muon import original_muon\n"
-            "print(type(original_muon.zeropower_via_newtonschulz5).__name__, 'torch._inductor.compile_fx' in sys.modules,"
+            "print('deepspeed.runtime.zero.muon.muon_optimizer' in sys.modules, 'torch._inductor.compile_fx' in sys.modules,"
             " os.environ.get('TORCHDYNAMO_DISABLE'))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in __import__("os").environ.items() if k != "TORCHDYNAMO_DISABLE"})
+                          env={k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-1].split() == ["function", "False", "None"], proc.stdout
+    assert proc.stdout.splitlines()[-1].split() == ["True", "False", "None"], proc.stdout
