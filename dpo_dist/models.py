@@ -210,6 +210,7 @@ def load_causal_lm(path_or_id: str | Path, *, dtype, attn_implementation: str,
     path = resolve_model_dir(str(path_or_id), trust_remote_code=trust_remote_code)
     config = load_model_config(path, trust_remote_code=trust_remote_code)
     disable_dropout(config)
+    attn_implementation = attention_for(config, attn_implementation)
     with _custom_code_hint(path_or_id, path):
         model = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, dtype=dtype, attn_implementation=attn_implementation,
@@ -217,6 +218,41 @@ def load_causal_lm(path_or_id: str | Path, *, dtype, attn_implementation: str,
     disable_dropout_modules(model)
     model.name_or_path = model.config.name_or_path = str(path_or_id)
     return model
+
+
+def attention_for(config, attn_implementation: str) -> str:
+    """The attention implementation to load: sdpa becomes core.segments' SEGMENT_ATTENTION (sdpa
+    itself for every batch without spans) where the architecture takes packed rows exactly and
+    attends to every earlier token (no sliding window)."""
+    from dpo_dist.core.logps import LAYOUT_MODEL_TYPES
+
+    if attn_implementation != "sdpa" or getattr(config, "model_type", None) not in LAYOUT_MODEL_TYPES:
+        return attn_implementation
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return attn_implementation
+    register_segment_attention()
+    from dpo_dist.core.segments import SEGMENT_ATTENTION
+
+    return SEGMENT_ATTENTION
+
+
+def register_segment_attention() -> None:
+    """Register SEGMENT_ATTENTION with transformers: core.segments' attention for a batch that carries
+    `attn_spans`, transformers' own sdpa (and its masks) for any other."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from dpo_dist.core.segments import SEGMENT_ATTENTION, segment_attention
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_spans=None, **kwargs):
+        if attn_spans is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+        return segment_attention(query, key, value, attn_spans, scaling=scaling, dropout=dropout), None
+
+    AttentionInterface.register(SEGMENT_ATTENTION, attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
 
 
 def load_sequence_classifier(path_or_id: str | Path, *, dtype, trust_remote_code: bool = False, **kwargs):

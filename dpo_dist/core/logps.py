@@ -175,6 +175,15 @@ def fused_head(model):
     return head if type(head) is torch.nn.Linear else None
 
 
+def segment_attention_on(model) -> bool:
+    """Whether `model` runs core.segments' attention for one-row packed and shared batches (its
+    attention implementation is SEGMENT_ATTENTION: models.load_causal_lm sets it for sdpa)."""
+    from dpo_dist.core.segments import SEGMENT_ATTENTION
+
+    config = getattr(_hf_model(model), "config", None)
+    return getattr(config, "_attn_implementation", None) == SEGMENT_ATTENTION
+
+
 def model_dtype(model) -> torch.dtype:
     inner = _hf_model(model)
     emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
@@ -215,12 +224,13 @@ def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int | None 
     Accepts a Hugging Face model, a PEFT model or a DeepSpeed engine (anything called with model kwargs).
     """
     attention = batch["attention_mask"]
+    extra = {"attn_spans": batch["spans"]} if batch.get("spans") is not None else {}
     if attention is not None and attention.dim() == 4:  # bool "may attend" -> additive, in the model's dtype
         dtype = model_dtype(model)
         attention = torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill_(
             ~attention, torch.finfo(dtype).min)
     kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": attention,
-              "use_cache": False}
+              "use_cache": False, **extra}
     target_pos, target_ids = batch["target_pos"], batch["target_ids"]
     head = fused_head(model) if fused else None
     if head is not None:

@@ -15,6 +15,10 @@ numbers (up to float summation order); only the work spent on padding and on pro
   rejected tokens see the prompt but not the chosen ones, and their position ids continue from the
   prompt, so the prompt is computed once per pair. Needs a 4D mask (SDPA or eager attention).
 
+With `segment_attention=True` (models that run `core.segments`' attention: see
+`core.logps.segment_attention_on`), ``packed`` and ``shared`` batches are one row of every segment
+back to back, with no padding and no mask: `spans` tells the attention which keys each query sees.
+
 Sequence order in the outputs: for pairs, chosen of pair i is sequence i and its rejected is
 sequence B + i, as in the concatenated [chosen; rejected] batch.
 """
@@ -79,18 +83,22 @@ def _rows(segments: list[Segment], one_per_row: bool, capacity: int | None) -> l
 
 
 def assemble(segments: list[Segment], num_seqs: int, layout: str, pad_token_id: int,
-             capacity: int | None = None, pad_to_multiple_of: int | None = None) -> dict:
+             capacity: int | None = None, pad_to_multiple_of: int | None = None,
+             segment_attention: bool = False) -> dict:
     """Model inputs and targets for `segments` laid out as `layout` (see the module docstring).
 
     Returns a dict of tensors: input_ids, position_ids (R, W) int64; attention_mask: (R, W) for
     ``padded``, None for ``packed``, (R, 1, W, W) bool (True = may attend) for ``shared``;
     target_pos, target_ids, target_seq (N,) int64; plus num_seqs (int), layout (str) and tokens (int:
-    the real tokens, without padding, which is what tokens/s counts).
+    the real tokens, without padding, which is what tokens/s counts). With `segment_attention` and
+    a packed or shared layout: one row, attention_mask None, and `spans` (core.segments.Spans).
     """
     import torch
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if segment_attention and layout != "padded":
+        return _one_row(segments, num_seqs, layout, pad_token_id, pad_to_multiple_of)
     rows = _rows(segments, one_per_row=layout == "padded", capacity=capacity)
     width = max((sum(len(segments[i].ids) for i in row) for row in rows), default=1)
     if pad_to_multiple_of:
@@ -131,22 +139,62 @@ def assemble(segments: list[Segment], num_seqs: int, layout: str, pad_token_id: 
             "num_seqs": num_seqs, "layout": layout, "tokens": sum(len(s.ids) for s in segments)}
 
 
+def _one_row(segments: list[Segment], num_seqs: int, layout: str, pad_token_id: int,
+             pad_to_multiple_of: int | None) -> dict:
+    """Every segment back to back in one row, in order, for segment attention (no mask, no padding
+    but the tail of `pad_to_multiple_of`, which is a causal part of its own)."""
+    import torch
+
+    from dpo_dist.core.segments import Spans, causal_part, segment_parts
+
+    ids: list[int] = []
+    pos: list[int] = []
+    parts: list = []
+    target_pos: list[int] = []
+    target_ids: list[int] = []
+    target_seq: list[int] = []
+    for s in segments:
+        at = len(ids)
+        parts += segment_parts(at, len(s.ids), s.hidden)
+        ids += s.ids
+        pos += s.positions
+        for where, token, seq in s.targets:
+            target_pos.append(at + where)
+            target_ids.append(token)
+            target_seq.append(seq)
+    real = len(ids)
+    width = max(real, 1)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    if width > real:
+        parts.append(causal_part(real, width))
+        ids += [pad_token_id] * (width - real)
+        pos += list(range(width - real))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long), "position_ids": torch.tensor([pos], dtype=torch.long),
+            "attention_mask": None, "spans": Spans(width, parts),
+            "target_pos": torch.tensor(target_pos, dtype=torch.long),
+            "target_ids": torch.tensor(target_ids, dtype=torch.long),
+            "target_seq": torch.tensor(target_seq, dtype=torch.long),
+            "num_seqs": num_seqs, "layout": layout, "tokens": real}
+
+
 def sequences_layout(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], layout: str, pad_token_id: int,
-                     capacity: int | None = None, pad_to_multiple_of: int | None = None) -> dict:
+                     capacity: int | None = None, pad_to_multiple_of: int | None = None,
+                     segment_attention: bool = False) -> dict:
     """(prompt, response) sequences, sequence i = sequences[i]. ``shared`` has no meaning here: packed is used."""
     segments = [sequence_segment(p, r, i) for i, (p, r) in enumerate(sequences)]
     return assemble(segments, len(segments), "packed" if layout == "shared" else layout, pad_token_id,
-                    capacity, pad_to_multiple_of)
+                    capacity, pad_to_multiple_of, segment_attention)
 
 
 def pairs_layout(examples: Sequence[dict], layout: str, pad_token_id: int, capacity: int | None = None,
-                 pad_to_multiple_of: int | None = None) -> dict:
+                 pad_to_multiple_of: int | None = None, segment_attention: bool = False) -> dict:
     """Cache rows (prompt_input_ids, chosen_input_ids, rejected_input_ids): chosen of pair i is
     sequence i, its rejected is sequence B + i."""
     b = len(examples)
     if layout == "shared":
         segments = [pair_segment(ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"], i, b + i)
                     for i, ex in enumerate(examples)]
-        return assemble(segments, 2 * b, layout, pad_token_id, capacity, pad_to_multiple_of)
+        return assemble(segments, 2 * b, layout, pad_token_id, capacity, pad_to_multiple_of, segment_attention)
     sequences = [(ex["prompt_input_ids"], ex[key]) for key in ("chosen_input_ids", "rejected_input_ids") for ex in examples]
-    return sequences_layout(sequences, layout, pad_token_id, capacity, pad_to_multiple_of)
+    return sequences_layout(sequences, layout, pad_token_id, capacity, pad_to_multiple_of, segment_attention)

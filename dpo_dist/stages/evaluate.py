@@ -65,7 +65,7 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     from tqdm import tqdm
 
     from dpo_dist.identity import training_cache
-    from dpo_dist.core.logps import layout_logps, split_chosen_rejected, to_device
+    from dpo_dist.core.logps import layout_logps, segment_attention_on, split_chosen_rejected, to_device
     from dpo_dist.core.packing import pairs_layout
     from dpo_dist.core.loss import preference_loss
 
@@ -94,7 +94,7 @@ def evaluate_model(cfg: Config, model: str | None = None, checkpoint: int | None
     with torch.no_grad():
         for start in tqdm(range(0, len(split), batch_size), desc="eval", unit="batch", mininterval=5):
             rows = [split[i] for i in range(start, min(start + batch_size, len(split)))]
-            batch = to_device(pairs_layout(rows, layout, pad_id), device)
+            batch = to_device(pairs_layout(rows, layout, pad_id, segment_attention=segment_attention_on(net)), device)
             logps, counts = layout_logps(net, batch, fused=cfg.model.fused_head)
             chosen, rejected = split_chosen_rejected(logps.float())
             n_chosen, n_rejected = split_chosen_rejected(counts)

@@ -133,7 +133,7 @@ class RefScorer:
         import torch
 
         from dpo_dist.core.batching import length_batches
-        from dpo_dist.core.logps import layout_logps, to_device
+        from dpo_dist.core.logps import layout_logps, segment_attention_on, to_device
         from dpo_dist.core.packing import pairs_layout, sequences_layout
         from dpo_dist.core.tokenize import TokenizeReport
 
@@ -150,14 +150,15 @@ class RefScorer:
         else:  # each sequence is an item
             items = [(t.prompt_input_ids, r) for t in tokenized for r in (t.chosen_input_ids, t.rejected_input_ids)]
             lengths = [len(p) + len(r) for p, r in items]
+        segments = segment_attention_on(self.model)
         with torch.inference_mode():
             for batch_ids in length_batches(lengths, self.token_budget, rows_per_item=1):
                 chunk = [items[i] for i in batch_ids]
                 if self.layout == "shared":  # out: chosen of each pair, then rejected of each
-                    batch = pairs_layout(chunk, "shared", self.pad_id)
+                    batch = pairs_layout(chunk, "shared", self.pad_id, segment_attention=segments)
                     where = [2 * i for i in batch_ids] + [2 * i + 1 for i in batch_ids]
                 else:
-                    batch, where = sequences_layout(chunk, self.layout, self.pad_id), batch_ids
+                    batch, where = sequences_layout(chunk, self.layout, self.pad_id, segment_attention=segments), batch_ids
                 batch_logps, batch_counts = layout_logps(self.model, to_device(batch, self.device), fused=self.fused_head)
                 real += batch["tokens"]
                 padded += batch["input_ids"].numel()
@@ -265,7 +266,7 @@ def _dispatch(cfg: Config, manifest: cache_mod.Manifest, cache_dir: Path, cluste
     def record(task: ShardTask, out: dict) -> None:
         entry = cache_mod.write_shard(cache_dir / task.split / cache_mod.shard_name(task.index), out["rows"])
         entry.update(ids_hash=task.ids_hash, tokenize=out["tokenize"], real_tokens=out["real_tokens"],
-                     padded_tokens=out["padded_tokens"])
+                     padded_tokens=out["padded_tokens"], forward_seconds=round(out["forward_seconds"], 3))
         manifest.splits[task.split]["shards"][str(task.index)] = entry
         manifest.save(cache_dir)
         result.scored_shards += 1

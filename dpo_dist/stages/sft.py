@@ -118,11 +118,11 @@ def sft_sequences(cfg: Config, tokenizer) -> dict[str, list[tuple[list[int], lis
 
 def sft_forward(engine, sequences: list, pad_id: int, device: str, model_cfg):
     """(loss, response tokens, all tokens) of one micro-batch, in model_cfg's layout (sequences: shared = packed)."""
-    from dpo_dist.core.logps import layout_logps, to_device
+    from dpo_dist.core.logps import layout_logps, segment_attention_on, to_device
     from dpo_dist.core.loss import sft_loss
     from dpo_dist.core.packing import sequences_layout
 
-    batch = sequences_layout(sequences, model_cfg.layout, pad_id)
+    batch = sequences_layout(sequences, model_cfg.layout, pad_id, segment_attention=segment_attention_on(engine))
     logps, counts = layout_logps(engine, to_device(batch, device), fused=model_cfg.fused_head)  # (B,), (B,)
     return sft_loss(logps, counts), int(counts.sum()), batch["tokens"]
 

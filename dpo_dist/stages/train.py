@@ -106,14 +106,16 @@ def _resume_point_main(cfg: Config, prepared: Prepared, gone: list[str], resume:
 
 # ----------------------------------------------------------------------------- batches
 
-def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared") -> dict:
-    """The micro-batch's pairs in `layout` (core.packing) with their cached reference values."""
+def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared", engine=None) -> dict:
+    """The micro-batch's pairs in `layout` (core.packing) with their cached reference values; one row
+    with attention spans where `engine`'s model runs segment attention."""
     import torch
 
-    from dpo_dist.core.logps import to_device
+    from dpo_dist.core.logps import segment_attention_on, to_device
     from dpo_dist.core.packing import pairs_layout
 
-    batch = to_device(pairs_layout(rows, layout, pad_id), device)
+    segments = engine is not None and segment_attention_on(engine)
+    batch = to_device(pairs_layout(rows, layout, pad_id, segment_attention=segments), device)
     batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32, device=device)
     batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32, device=device)
     return batch
@@ -192,7 +194,7 @@ def eval_rewards(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, 
     engine.eval()
     with torch.no_grad():
         for i in rank_rounds(len(batches), dist):
-            batch = collate([split[j] for j in batches[i or 0]], pad_id, dist.device, cfg.model.layout)
+            batch = collate([split[j] for j in batches[i or 0]], pad_id, dist.device, cfg.model.layout, engine)
             out = dpo_forward(engine, batch, cfg)
             if i is None:
                 continue  # a padding forward so that every rank joins ZeRO-3's gathers
@@ -320,7 +322,7 @@ def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, f
     tokens = 0
     step0 = Step0Sums()
     for micro in micro_batches:
-        batch = collate([run.train_split[i] for i in micro], run.pad_id, dist.device, cfg.model.layout)
+        batch = collate([run.train_split[i] for i in micro], run.pad_id, dist.device, cfg.model.layout, engine)
         out = dpo_forward(engine, batch, cfg)
         if step == 0:  # every micro-batch of the first step sees the reference's weights
             step0.add(out, batch)
