@@ -195,7 +195,9 @@ def test_trust_remote_code_reaches_the_scorer_and_cache_ready(ray_cluster, tiny_
     plain = tmp_path / "plain"
     run_scoring(_cfg(tiny_model, synthetic_path, plain, *extra))
     rows = lambda c: [r for e in load_manifest(c).shard_entries("train") for r in read_shard(c / "train" / e["name"]).to_pylist()]  # noqa: E731
-    assert [r["ref_chosen_logps"] for r in rows(cache)] == [r["ref_chosen_logps"] for r in rows(plain)]
+    # the custom class has no segment attention (its model_type is its own), so the plain Llama's
+    # one-row batches and its padded batches agree to float32 rounding, not bit for bit
+    assert [r["ref_chosen_logps"] for r in rows(cache)] == pytest.approx([r["ref_chosen_logps"] for r in rows(plain)], rel=1e-6, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- a real `ray start` cluster
