@@ -224,8 +224,16 @@ def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int | None 
     Accepts a Hugging Face model, a PEFT model or a DeepSpeed engine (anything called with model kwargs).
     """
     attention = batch["attention_mask"]
-    extra = {"attn_spans": batch["spans"]} if batch.get("spans") is not None else {}
-    if attention is not None and attention.dim() == 4:  # bool "may attend" -> additive, in the model's dtype
+    extra = {}
+    if batch.get("spans") is not None:  # one row for segment attention (core.segments)
+        if not segment_attention_on(model):
+            raise ValueError("a batch with attention spans needs a model loaded with segment attention "
+                             "(models.load_causal_lm with sdpa); build it with segment_attention=segment_attention_on(model)")
+        extra = {"attn_spans": batch["spans"]}
+        # a 4D placeholder that transformers passes through as it is: no [tokens x tokens] mask is built
+        # from the restarting position ids, and the attention reads the spans instead
+        attention = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
+    elif attention is not None and attention.dim() == 4:  # bool "may attend" -> additive, in the model's dtype
         dtype = model_dtype(model)
         attention = torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill_(
             ~attention, torch.finfo(dtype).min)

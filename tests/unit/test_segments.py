@@ -128,3 +128,9 @@ def test_loading_with_sdpa_runs_segment_attention_where_it_is_exact(tmp_path):
     assert attention_for(windowed, "sdpa") == "sdpa"  # a sliding window is the mask's job: keep sdpa
     assert attention_for(transformers.Qwen2Config(use_sliding_window=False), "sdpa") == SEGMENT_ATTENTION
     assert attention_for(transformers.OPTConfig(), "sdpa") == "sdpa"
+
+
+def test_a_batch_with_spans_is_refused_by_a_model_without_segment_attention():
+    model = tiny("llama", attn="sdpa")  # transformers' own sdpa: a one-row batch would attend across pairs
+    with pytest.raises(ValueError, match="needs a model loaded with segment attention"):
+        layout_logps(model, pairs_layout(pairs(2), "shared", 0, segment_attention=True))
