@@ -1,17 +1,12 @@
-"""DPO training with DeepSpeed (ZeRO-3, bf16) from the reference cache; one process per device.
-
-    torchrun --nproc_per_node 8 launchers/train_dpo.py --config configs/pythia28b_hh.yaml [--resume]
-    dpo-dist train --config configs/demo.yaml            # single node: starts torchrun for you
-
-Phases, each a function below: `prepare` (every check, before a model is built: the cache matches
-this config, the run folder belongs to this run), `build` (policy under ZeRO-3, engine, resume),
+"""The run of DPO training (see the package docstring). Phases, each a function below: `prepare`
+(every check, before a model is built: the cache matches this config, the run folder belongs to
+this run), `build` (policy under ZeRO-3, engine, resume),
 `run_steps` (the loop: step-0 identity, metrics, eval, checkpoints, preemption), `finish` (final
 eval, export, final_metrics.json). No reference model is loaded: its values come from the cache.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,18 +19,14 @@ from dpo_dist.core.errors import UserError
 from dpo_dist.core.metrics import flatten, memory_gb, mfu, peak_tflops
 from dpo_dist.engines import checkpoints, trainer
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
-from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, compute_init, local_param_fraction, on_main, param_counts,
-                                               rank_rounds)
+from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, compute_init, local_param_fraction, on_main, param_counts
 from dpo_dist.engines.policy import export_model
 from dpo_dist.engines.trainer import CKPT
 from dpo_dist.core.sampler import BatchPlan
 from dpo_dist.core.step0 import Step0Sums, step0_bound
 from dpo_dist.core.tokenize import pad_token_id
-
-
-
-class Step0Error(UserError):
-    """At step 0 the policy's log-probs differ from the cached reference values."""
+from dpo_dist.stages.train.forward import batch_metrics, collate, dpo_forward, eval_rewards
+from dpo_dist.stages.train.step0 import check_step0, step0_stats
 
 
 @dataclass
@@ -102,109 +93,6 @@ def _resume_point_main(cfg: Config, prepared: Prepared, gone: list[str], resume:
     if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
         final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
     return replace(prepared, resume_step=latest if resume else None, finished=finished, notes=notes)
-
-
-# ----------------------------------------------------------------------------- batches
-
-def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared", engine=None) -> dict:
-    """The micro-batch's pairs in `layout` (core.packing) with their cached reference values; one row
-    with attention spans where `engine`'s model runs segment attention."""
-    import torch
-
-    from dpo_dist.core.logps import segment_attention_on, to_device
-    from dpo_dist.core.packing import pairs_layout
-
-    segments = engine is not None and segment_attention_on(engine)
-    batch = to_device(pairs_layout(rows, layout, pad_id, segment_attention=segments), device)
-    batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32, device=device)
-    batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32, device=device)
-    return batch
-
-
-def dpo_forward(engine, batch: dict, cfg: Config) -> dict:
-    """Policy log-probs of the pairs (chosen then rejected), the loss and its per-example pieces."""
-    from dpo_dist.core.logps import layout_logps, split_chosen_rejected
-    from dpo_dist.core.loss import preference_loss
-
-    logps, counts = layout_logps(engine, batch, fused=cfg.model.fused_head)  # (2B,), (2B,)
-    chosen, rejected = split_chosen_rejected(logps)
-    n_chosen, n_rejected = split_chosen_rejected(counts)
-    losses, r_chosen, r_rejected = preference_loss(
-        chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
-        loss_type=cfg.loss.loss_type, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
-        chosen_lengths=n_chosen, rejected_lengths=n_rejected, **cfg.loss.params)
-    return {"losses": losses, "chosen_rewards": r_chosen, "rejected_rewards": r_rejected,
-            "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(),
-            "chosen_tokens": n_chosen, "rejected_tokens": n_rejected}
-
-
-def batch_metrics(out: dict) -> dict[str, float]:
-    rc, rr = out["chosen_rewards"].float(), out["rejected_rewards"].float()
-    return {"loss": float(out["losses"].detach().float().mean()), "rewards/chosen": float(rc.mean()),
-            "rewards/rejected": float(rr.mean()), "rewards/accuracies": float((rc > rr).float().mean()),
-            "rewards/margins": float((rc - rr).mean()), "logps/chosen": float(out["chosen_logps"].float().mean()),
-            "logps/rejected": float(out["rejected_logps"].float().mean())}
-
-
-# ----------------------------------------------------------------------------- step-0 identity
-
-def step0_stats(sums: Step0Sums, dist: Dist) -> dict[str, float]:
-    """The step-0 figures over every rank (collective): the check statistic (abs_diff_per_token,
-    pooled over tokens) and, for the logs, per sequence the mean and the worst."""
-    total = all_reduce({"abs_diff": sums.abs_diff, "tokens": sums.tokens, "sqrt_tokens": sums.sqrt_tokens,
-                        "per_token_sum": sums.per_token_sum, "sequences": sums.sequences, "loss_sum": sums.loss_sum,
-                        "micro_batches": sums.micro_batches}, dist, op="sum")
-    worst = all_reduce({"max_abs_diff_per_token": sums.max_per_token, "max_abs_diff": sums.max_abs_diff}, dist, op="max")
-    return {"abs_diff_per_token": total["abs_diff"] / max(total["tokens"], 1.0), "tokens": total["tokens"],
-            "sqrt_tokens": total["sqrt_tokens"], "mean_abs_diff_per_token": total["per_token_sum"] / max(total["sequences"], 1.0),
-            "loss": total["loss_sum"] / max(total["micro_batches"], 1.0), **worst}
-
-
-def check_step0(stats: dict, prepared: Prepared, tolerance: float, dist: Dist, writer) -> None:
-    """Log the step-0 differences (every run) and stop when the policy is the reference and they exceed the bound."""
-    logged = {k: v for k, v in stats.items() if k != "sqrt_tokens"}
-    writer.add_scalars_dict("step0", {**logged, "tolerance": tolerance, "applies": float(prepared.policy_is_reference)}, 0)
-    if dist.is_main:
-        what = (f"bound {tolerance:.3g}" if prepared.policy_is_reference
-                else "not checked: the policy's weights are not the reference's")
-        print(f"[dpo-dist] step-0 identity: loss {stats['loss']:.4f} (ln 2 = {math.log(2):.4f}), |policy - ref| "
-              f"{stats['abs_diff_per_token']:.2e} per token over {int(stats['tokens'])} response tokens ({what}; "
-              f"worst sequence {stats['max_abs_diff_per_token']:.2e} per token)", flush=True)
-    if prepared.policy_is_reference and stats["abs_diff_per_token"] > tolerance:
-        raise Step0Error(
-            f"step-0 identity failed: the policy has the reference's weights, yet its log-probs differ from the cached "
-            f"ones by {stats['abs_diff_per_token']:.4g} per token over the {int(stats['tokens'])} response tokens of the "
-            f"first step (bound {tolerance:.3g}, train.step0_tolerance). The cache's values come from other weights, or "
-            "the policy runs differently from the scorer (attention, mask, positions, dtype); see README troubleshooting")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def eval_rewards(engine, split: cache_mod.CachedSplit, cfg: Config, dist: Dist, pad_id: int) -> dict[str, float]:
-    """Reward metrics over the whole eval split; every rank runs the same number of forwards (ZeRO-3)."""
-    import torch
-
-    from dpo_dist.core.batching import length_batches
-
-    if len(split) == 0:
-        return {}
-    batches = length_batches(split.lengths(), token_budget=10**12, max_items=cfg.train.micro_batch_size)
-    sums = {k: 0.0 for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                             "rewards/margins", "logps/chosen", "logps/rejected", "pairs")}
-    engine.eval()
-    with torch.no_grad():
-        for i in rank_rounds(len(batches), dist):
-            batch = collate([split[j] for j in batches[i or 0]], pad_id, dist.device, cfg.model.layout, engine)
-            out = dpo_forward(engine, batch, cfg)
-            if i is None:
-                continue  # a padding forward so that every rank joins ZeRO-3's gathers
-            n = out["losses"].shape[0]
-            for key, value in batch_metrics(out).items():
-                sums[key] += value * n
-            sums["pairs"] += n
-    engine.train()
-    total = all_reduce(sums, dist, op="sum")
-    return {k: v / total["pairs"] for k, v in total.items() if k != "pairs"}
 
 
 # ----------------------------------------------------------------------------- samples
