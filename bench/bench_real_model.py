@@ -7,12 +7,14 @@ each (TRL with precompute_ref_log_probs), CPU.
     .venv/bin/python bench/bench_real_model.py [--pairs 1024] [--epochs 1] [--json out.json]
     .venv/bin/python bench/bench_real_model.py --pairs 4 --held-out 2 --max-length 128 --micro 1 --accum 1 --eval-steps 1
 
-Each system runs in a fresh process (peak RSS is that process's). Recorded per eval step: held-out
-reward accuracy and margin of both; time: dpo-dist's scoring + epoch (optimizer steps only), TRL's
-precompute + epoch (train_runtime less its evaluations); FLOP/s of scoring and training as a fraction
-of this machine's measured matmul peak for the dtype in use (bench/matmul_peak.py).
+Each system runs in a fresh process. Recorded per eval step: held-out reward accuracy and margin of
+both; time: dpo-dist's scoring + epoch (optimizer steps only), TRL's precompute (at DPOTrainer's
+construction, train and eval pairs) + epoch (train_runtime less its evaluations); peak memory per
+phase as the summed PSS of the process tree (Ray's processes included); FLOP/s of scoring and
+training as a fraction of this machine's measured matmul peak for the dtype in use
+(bench/matmul_peak.py).
 --precision fp32 (default where the CPU has no bf16 matrix instructions) or bf16: both systems alike
-(DPOConfig's bf16 follows it; TRL's default would be bf16 on).
+(TRL's model is loaded in it, and DPOConfig's bf16 follows it; TRL's default would be bf16 on).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def prepare(work: Path, n_pairs: int, held_out: int, max_length: int) -> dict:
         c, r = (len(tok(x)["input_ids"]) + 1 for x in (p.chosen, p.rejected))
         if prompt + max(c, r) <= max_length and prompt <= max_length // 2:
             rows.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "tokens": prompt + c + r,
-                         "response_tokens": c + r})
+                         "response_tokens": c + r, "lengths": (prompt, c, r)})
         if len(rows) == n_pairs:
             break
     train, held = rows[:len(rows) - held_out], rows[len(rows) - held_out:]
@@ -56,7 +58,24 @@ def prepare(work: Path, n_pairs: int, held_out: int, max_length: int) -> dict:
                                                     for x in part))
     return {"model": str(model), "train_pairs": len(train), "eval_pairs": len(held),
             "train_tokens": sum(x["tokens"] for x in train), "train_response_tokens": sum(x["response_tokens"] for x in train),
-            "all_tokens": sum(x["tokens"] for x in rows), "all_response_tokens": sum(x["response_tokens"] for x in rows)}
+            "all_tokens": sum(x["tokens"] for x in rows), "all_response_tokens": sum(x["response_tokens"] for x in rows),
+            "train_attended": sum(attended(*x["lengths"]) for x in train),
+            "all_attended": sum(attended(*x["lengths"]) for x in rows)}
+
+
+def attended(prompt: int, chosen: int, rejected: int) -> int:
+    """(query, key) pairs a shared-prompt pair attends to: [prompt; chosen] causal, and each rejected
+    token the prompt and the rejected tokens up to itself (the prompt counted once, as computed)."""
+    first = prompt + chosen
+    return first * (first + 1) // 2 + rejected * prompt + rejected * (rejected + 1) // 2
+
+
+def attention_flops_per_pair(model_dir: str) -> float:
+    """Forward FLOPs of attention per attended (query, key) pair over all layers: QK^T and the
+    weighted sum of V, 2 x head_dim each, for every query head."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 4.0 * cfg["num_attention_heads"] * head_dim * cfg["num_hidden_layers"]
 
 
 def flops_per_token(model_dir: str) -> tuple[float, int, int]:
@@ -80,13 +99,8 @@ def flops_per_token(model_dir: str) -> tuple[float, int, int]:
 
 # ----------------------------------------------------------------------------- children
 
-def child_dd(work: Path, a: dict) -> dict:
-    import torch
-
+def dd_config(work: Path, a: dict):
     from dpo_dist.config import load_config
-    from dpo_dist.stages import train as train_mod
-    from dpo_dist.stages.score import run_scoring
-    from bench_vs_trl import _free_port, forward_seconds
 
     ds = json.loads((REPO / "ds_configs" / "zero0_bf16.json").read_text())
     ds["bf16"] = {"enabled": a["precision"] == "bf16"}
@@ -100,10 +114,30 @@ def child_dd(work: Path, a: dict) -> dict:
                  f"train.lr={a['lr']}", f"loss.beta={a['beta']}", f"train.epochs={a['epochs']}", "train.warmup_steps=0",
                  "train.lr_scheduler=linear", f"train.eval_steps={a['eval_steps']}", "train.save_steps=0",
                  "train.sample_prompts=0", "export.enabled=false"]
-    cfg = load_config(None, overrides)
+    return load_config(None, overrides)
+
+
+def child_dd_score(work: Path, a: dict, memory) -> dict:
+    """`dpo-dist score` (its own process, as users run it): Ray, one actor."""
+    from dpo_dist.stages.score import run_scoring
+    from bench_vs_trl import forward_seconds
+
+    cfg = dd_config(work, a)
+    memory.mark("reference")
     started = time.perf_counter()
     run_scoring(cfg)
-    score_s = time.perf_counter() - started
+    return {"score_seconds": time.perf_counter() - started, "score_forward_seconds": forward_seconds(work / "cache")}
+
+
+def child_dd_train(work: Path, a: dict, memory) -> dict:
+    """`dpo-dist train` on one process (its own, as torchrun starts it) over the cache just scored."""
+    import torch
+
+    from dpo_dist.stages import train as train_mod
+    from bench_vs_trl import _free_port
+
+    cfg = dd_config(work, a)
+    memory.mark("train")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     torch.set_num_threads(a["threads"])
     train_mod.train(cfg, overwrite=True)
@@ -112,11 +146,10 @@ def child_dd(work: Path, a: dict) -> dict:
 
     tb = scalars(Path(cfg.output_dir) / "tb")
     evals = {int(s): {"accuracy": v, "margin": tb["eval/rewards/margins"][s]} for s, v in tb["eval/rewards/accuracies"].items()}
-    return {"score_seconds": score_s, "score_forward_seconds": forward_seconds(work / "cache"),
-            "epoch_seconds": final["step_time"]["seconds"], "steps": final["steps"], "evals": evals}
+    return {"epoch_seconds": final["step_time"]["seconds"], "steps": final["steps"], "evals": evals}
 
 
-def child_trl(work: Path, a: dict) -> dict:
+def child_trl(work: Path, a: dict, memory) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
@@ -127,7 +160,8 @@ def child_trl(work: Path, a: dict) -> dict:
     torch.set_num_threads(a["threads"])
     load = lambda name: datasets.Dataset.from_list([json.loads(x) for x in (work / name).read_text().splitlines()])  # noqa: E731
     tok = AutoTokenizer.from_pretrained(a["model"])
-    model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+    # the model's own precision, as TRL's examples load it (dtype="auto": SmolLM2 is a bf16 release)
+    model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.bfloat16 if a["precision"] == "bf16" else torch.float32)
     args = DPOConfig(output_dir=str(work / "trl-run"), per_device_train_batch_size=a["micro"],
                      per_device_eval_batch_size=a["micro"], gradient_accumulation_steps=a["accum"],
                      learning_rate=a["lr"], num_train_epochs=a["epochs"], max_length=a["max_length"], beta=a["beta"],
@@ -137,10 +171,12 @@ def child_trl(work: Path, a: dict) -> dict:
                      bf16=a["precision"] == "bf16", dataloader_num_workers=0, seed=0, lr_scheduler_type="linear",
                      warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch")
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    memory.mark("reference")
     started = time.perf_counter()
     trainer = DPOTrainer(model=model, args=args, train_dataset=load("train.jsonl"), eval_dataset=load("eval.jsonl"),
                          processing_class=tok, peft_config=lora)
     init = time.perf_counter() - started
+    memory.mark("train")
     out = trainer.train()
     final_eval = trainer.evaluate()
     history = trainer.state.log_history + [{**final_eval, "step": trainer.state.global_step}]
@@ -188,14 +224,17 @@ def main(argv=None) -> int:
     ap.add_argument("--args", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        from bench_vs_trl import peak_rss_gb
+        from bench_vs_trl import TreeMemory, peak_rss_gb
 
         from dpo_dist.quiet import silence_known_noise
 
         silence_known_noise()
         a = json.loads(args.args)
-        out = (child_dd if args.child == "dd" else child_trl)(args.work, a)
+        memory = TreeMemory()
+        child = {"dd-score": child_dd_score, "dd-train": child_dd_train, "trl": child_trl}[args.child]
+        out = child(args.work, a, memory)
         out["peak_rss_gb"] = peak_rss_gb()
+        out["peak_pss_gb"] = memory.stop()  # per phase: reference pass, training
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     from matmul_peak import peaks
@@ -210,34 +249,47 @@ def main(argv=None) -> int:
           f"{info['train_tokens']:,} train tokens, {args.precision}, matmul peak {peak:.0f} GFLOP/s, work {work}", flush=True)
     results = {}
     for system in [s.strip() for s in args.systems.split(",") if s.strip()]:
-        results[system] = run_child(system, work, a)
+        if system == "dd":  # two processes, as `dpo-dist score` and `dpo-dist train`
+            score, train = run_child("dd-score", work, a), run_child("dd-train", work, a)
+            results[system] = {**score, **train, "peak_rss_gb": max(score["peak_rss_gb"], train["peak_rss_gb"]),
+                               "peak_pss_gb": {"reference": score["peak_pss_gb"]["reference"],
+                                               "train": train["peak_pss_gb"]["train"]}}
+        else:
+            results[system] = run_child(system, work, a)
         print(f"[bench] {system}: {json.dumps(results[system])}", flush=True)
     body, _, head = flops_per_token(info["model"])
-    lines = ["| system | reference pass s | epoch s | total s | peak RSS GB | final held-out accuracy | margin |",
-             "|---|---|---|---|---|---|---|"]
+    attn = attention_flops_per_pair(info["model"])
+    lines = ["| system | reference pass s | epoch s | total s | peak memory GB: reference pass | training | "
+             "final held-out accuracy | margin |", "|---|---|---|---|---|---|---|---|"]
     for system, r in results.items():
         ref_s = r.get("score_seconds", r.get("precompute_seconds"))
         last = r["evals"][max(r["evals"], key=int)]
+        pss = r["peak_pss_gb"]
         lines.append(f"| {system} | {ref_s:.0f} | {r['epoch_seconds']:.0f} | {ref_s + r['epoch_seconds']:.0f} | "
-                     f"{r['peak_rss_gb']:.2f} | {last['accuracy']:.3f} | {last['margin']:.3f} |")
+                     f"{pss.get('reference', 0):.2f} | {pss.get('train', 0):.2f} | {last['accuracy']:.3f} | {last['margin']:.3f} |")
+    lines.append("(peak memory: the summed PSS of the process and every process below it, Ray's included, per phase)")
     if "dd" in results:
         dd = results["dd"]
         # shared prompt: the body runs once over prompt + chosen + rejected, the head over response tokens only
-        score_flops = body * info["all_tokens"] + 2 * head * info["all_response_tokens"]
+        score_flops = body * info["all_tokens"] + 2 * head * info["all_response_tokens"] + attn * info["all_attended"]
         # forward time where the cache records it; else the scorer's wall time (Ray and model load included)
         score_s = dd["score_forward_seconds"] or dd["score_seconds"]
         score_what = "" if dd["score_forward_seconds"] else " (end to end: no forward time in the cache manifest)"
         score_frac = score_flops / score_s / (peak * 1e9)
-        # LoRA: forward + input gradients through the frozen body and head (2 x forward); adapter grads negligible
-        train_flops = 2 * (body * info["train_tokens"] + 2 * head * info["train_response_tokens"]) * args.epochs
+        # LoRA: forward + input gradients through the frozen body and head (2 x forward), attention forward +
+        # gradients of Q, K and V (3 x forward); the adapters' own FLOPs are left out
+        train_flops = (2 * (body * info["train_tokens"] + 2 * head * info["train_response_tokens"])
+                       + 3 * attn * info["train_attended"]) * args.epochs
         train_frac = train_flops / dd["epoch_seconds"] / (peak * 1e9)
         lines.append(f"\ndpo-dist FLOP/s as a fraction of the {args.precision} matmul peak ({peak:.0f} GFLOP/s): "
-                     f"scoring {score_frac:.0%}{score_what}, training {train_frac:.0%} (dense matmul FLOPs; attention left out)")
+                     f"scoring {score_frac:.0%}{score_what}, training {train_frac:.0%} (matmul FLOPs of the body and head, "
+                     "and of causal attention over the pairs each token attends to, the prompt once per pair; LoRA's left out)")
     if {"dd", "trl"} <= set(results):
         dd, trl = results["dd"], results["trl"]
         ratio = (dd["score_seconds"] + dd["epoch_seconds"]) / (trl["precompute_seconds"] + trl["epoch_seconds"])
-        lines.append(f"dpo-dist scoring + epoch = {ratio:.2f}x TRL's precompute + epoch; peak RSS {dd['peak_rss_gb']:.2f} "
-                     f"vs {trl['peak_rss_gb']:.2f} GB")
+        most = lambda r: max(r["peak_pss_gb"].values())  # noqa: E731
+        lines.append(f"dpo-dist scoring + epoch = {ratio:.2f}x TRL's precompute + epoch; peak memory {most(dd):.2f} "
+                     f"vs {most(trl):.2f} GB")
         lines.append("\n| step | dpo-dist accuracy | margin | TRL accuracy | margin |\n|---|---|---|---|---|")
         for step in sorted(set(map(int, dd["evals"])) | set(map(int, trl["evals"]))):
             d, t = dd["evals"].get(str(step)) or dd["evals"].get(step), trl["evals"].get(str(step)) or trl["evals"].get(step)

@@ -57,6 +57,47 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class TreeMemory:
+    """Peak memory of this process and every process below it (Ray's GCS, raylet and actors
+    included), sampled every `interval` seconds in a thread: the sum of their proportional set sizes
+    (PSS: a shared page counts once over all processes), so actors and the driver are not compared
+    with one process alone. `mark(name)` starts a phase; `peaks` holds each phase's peak in GB."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        import psutil
+
+        self._psutil, self.interval, self.phase, self.peaks = psutil, interval, "start", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> float:
+        me = self._psutil.Process()
+        total = 0
+        for proc in [me] + me.children(recursive=True):
+            try:
+                total += proc.memory_full_info().pss
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
+                pass
+        return total / 2**30
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            gb = self.sample()
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), gb)
+            self._stop.wait(self.interval)
+
+    def mark(self, phase: str) -> None:
+        self.phase = phase
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v, 3) for k, v in self.peaks.items()}
+
+
 def rss_gb() -> float:
     """This process's resident memory now."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -157,7 +198,7 @@ def child_dd(system: str, work: Path, micro: int) -> dict:
     import torch
 
     from dpo_dist.config import load_config
-    from dpo_dist.stages import train as train_mod
+    from dpo_dist.stages.train import run as train_mod  # build and one_step are looked up there
 
     # Memory by phase: resident memory after the engine is built and after each step.
     phases: dict = {"before_build": rss_gb()}
