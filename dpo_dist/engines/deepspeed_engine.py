@@ -17,6 +17,7 @@ from dpo_dist.config import TrainConfig
 from dpo_dist.core.ds_json import DeepSpeedConfigError
 from dpo_dist.core.errors import UserError, causes
 from dpo_dist.core.schedule import lr_lambda
+from dpo_dist.engines.allocator import keep_freed_memory
 
 
 class BatchArithmeticError(UserError, ValueError):
@@ -103,6 +104,7 @@ def compute_init(timeout_s: int = 1800) -> Dist:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
+        keep_freed_memory()  # a CPU rank reuses its activations' memory (allocator.py)
     # On CPU, DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
     # from every rank at every start (also when the op was built long ago): kept from the user's log.
     said = io.StringIO()

@@ -171,12 +171,16 @@ class Cluster:
 def actor_init(device: str, threads: int) -> None:
     """The first lines of every actor body (also when a test builds one in-process): the known library
     noise off and its environment variables set (quiet), and on CPU torch's threads fixed to the
-    score.threads_per_actor Ray CPUs the actor holds."""
+    score.threads_per_actor Ray CPUs the actor holds and malloc told to keep freed memory (allocator)."""
     from dpo_dist.quiet import silence_known_noise
 
     silence_known_noise()
     if device == "cpu":
         import torch
+
+        from dpo_dist.engines.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
         torch.set_num_threads(threads)
 
