@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -24,8 +25,8 @@ HH = REPO.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def work_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the work (also bench_allocator.py's)."""
     ap.add_argument("--model", default=None, help="model folder (default: the real SmolLM2-135M-Instruct)")
     ap.add_argument("--hh", default=str(HH))
     ap.add_argument("--pairs", type=int, default=96)
@@ -36,8 +37,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                     help="default: bfloat16 where the CPU multiplies it fast, else float32")
-    args = ap.parse_args(argv)
 
+
+def load_work(args) -> SimpleNamespace:
+    """The model, the pairs and the two passes: score_pass(segments), train_pass(segments), each
+    giving (seconds, real tokens, padded tokens)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -97,7 +101,16 @@ def main(argv=None) -> int:
         lora.zero_grad(set_to_none=True)
         return time.perf_counter() - started, sum(b["tokens"] for b in batches), sum(b["input_ids"].numel() for b in batches)
 
-    print(f"[bench] {Path(args.model).name}, {len(rows)} HH pairs, {sum(lengths):,} tokens (shared layout), {dtype}, "
+    return SimpleNamespace(score_pass=score_pass, train_pass=train_pass, dtype=dtype, tokens=sum(lengths), pairs=len(rows))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    work_args(ap)
+    args = ap.parse_args(argv)
+    w = load_work(args)
+    score_pass, train_pass = w.score_pass, w.train_pass
+    print(f"[bench] {Path(args.model).name}, {w.pairs} HH pairs, {w.tokens:,} tokens (shared layout), {w.dtype}, "
           f"{args.threads} threads", flush=True)
     table = ["| work | dense 4D mask tokens/s | padding efficiency | segment attention tokens/s | speed-up |", "|---|---|---|---|---|"]
     for name, run in (("scoring forward", score_pass), ("LoRA training step", train_pass)):

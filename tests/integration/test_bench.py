@@ -118,6 +118,13 @@ def test_scale_bench_scores_and_trains_one_size(tmp_path):
     assert r["train"]["startup_s"] > 0 and r["train"]["rank_gb"] > 0  # the rank reached its step-0 line
 
 
+def test_allocator_bench_times_both_settings(tiny_model, hh_path):
+    stdout = run_bench("bench_allocator.py", "--model", tiny_model, "--pairs", 8, "--micro", 2, "--budget", 512,
+                       "--repeats", 1, "--passes", 1, "--dtype", "float32", "--max-length", 128)
+    for work in ("scoring forward", "LoRA training step"):
+        assert re.search(rf"^\| {work} \| [\d,]+ \| [\d.]+ \| [\d,]+ \| [\d.]+ \| [\d.]+x \|$", stdout, re.M), stdout
+
+
 def test_segment_attention_bench_times_both_paths(tiny_model, hh_path):
     stdout = run_bench("bench_segments.py", "--model", tiny_model, "--pairs", 8, "--micro", 2, "--budget", 512,
                        "--repeats", 1, "--dtype", "float32", "--max-length", 128)
