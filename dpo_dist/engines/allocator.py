@@ -3,11 +3,11 @@
 By default glibc serves every allocation above a moving threshold (at most 32 MiB) with a fresh
 mmap and unmaps it on free; a forward of a few thousand tokens frees and reallocates activations of
 tens of MiB each layer, so the kernel zeroes fresh pages again and again. Measured on SmolLM2-135M in
-bf16 on 2 cores (BENCHMARKS.md, "Allocator"): system time about halved (scoring 19 s -> 5 s, LoRA
-steps 14 s -> 8 s per 100 s), more tokens/s, the same peak resident memory. Here the threshold is
-fixed at its 32 MiB maximum and freed memory stays in the heap for the next batch: the heap is
-trimmed only when 2 GiB lie free at its top (a trim threshold of 1 GiB still gave the memory back
-between LoRA steps and kept the system time). Nothing changes where the C library is not glibc.
+bf16 on 2 cores (bench/bench_allocator.py, BENCHMARKS.md): scoring 1.38x the tokens/s, its system time
+from 45 to 2 s per 100 s; LoRA steps unchanged within noise (0.97x). Here the threshold is fixed at
+its 32 MiB maximum and freed memory stays in the heap for the next batch: the heap is trimmed only
+when 2 GiB lie free at its top (a trim threshold of 1 GiB still gave the memory back between LoRA
+steps). Nothing changes where the C library is not glibc.
 """
 from __future__ import annotations
 
