@@ -58,15 +58,14 @@ def pytest_runtest_makereport(item, call):
 # weigh 0 and keep their order. `make test` runs with --dist loadfile --no-loadscope-reorder, so a
 # free worker takes the next file in this order: the longest files start first and the short ones
 # fill the end, instead of a tail of minutes behind a single-test Slurm file started last.
-FILE_SECONDS = {  # measured 2026-12-03 (509 tests, 3417 s of test time in 29:37 on 2 workers); test_paper_sbatch
-    # estimated since it absorbed test_paper_chain (205 + 85 s)
-    "integration/test_train.py": 965, "integration/test_real_model.py": 370, "integration/test_score.py": 357,
-    "integration/slurm/test_dpo_hh_sbatch.py": 302, "integration/test_bench.py": 278,
-    "integration/slurm/test_paper_sbatch.py": 290, "integration/slurm/test_faults_sbatch.py": 187,
-    "integration/slurm/test_dpo_sweep_sbatch.py": 176,
-    "integration/test_sft.py": 116, "integration/test_demo.py": 109, "integration/test_generate.py": 51,
-    "integration/test_judge.py": 23, "unit/test_tokenize_real.py": 19, "integration/slurm/test_slurm_cluster.py": 16,
-    "integration/test_checkpoint_ranks.py": 11, "integration/test_lost_contact.py": 7, "unit/test_suite_net.py": 7,
+FILE_SECONDS = {  # measured 2026-12-07 on a clean clone (539 tests, 1877 s of test time in 15:50 on 2 workers)
+    "integration/test_train.py": 510, "integration/test_score.py": 200, "integration/test_bench.py": 197,
+    "integration/test_real_model.py": 188, "integration/slurm/test_dpo_hh_sbatch.py": 161,
+    "integration/slurm/test_paper_sbatch.py": 147, "integration/slurm/test_faults_sbatch.py": 142,
+    "integration/slurm/test_dpo_sweep_sbatch.py": 101,
+    "integration/test_sft.py": 61, "integration/test_demo.py": 54, "integration/test_generate.py": 28,
+    "integration/test_judge.py": 17, "integration/slurm/test_slurm_cluster.py": 13, "unit/test_tokenize_real.py": 10,
+    "integration/test_checkpoint_ranks.py": 8, "integration/test_lost_contact.py": 8, "unit/test_suite_net.py": 5,
 }
 
 
