@@ -1,8 +1,7 @@
 """The run of DPO training (see the package docstring). Phases, each a function below: `prepare`
 (every check, before a model is built: the cache matches this config, the run folder belongs to
-this run), `build` (policy under ZeRO-3, engine, resume),
-`run_steps` (the loop: step-0 identity, metrics, eval, checkpoints, preemption), `finish` (final
-eval, export, final_metrics.json). No reference model is loaded: its values come from the cache.
+this run), `build` (policy under ZeRO-3, engine, resume), `run_steps` (the loop: step-0 identity,
+metrics, eval, checkpoints, preemption), `finish` (final eval, export, final_metrics.json).
 """
 from __future__ import annotations
 
