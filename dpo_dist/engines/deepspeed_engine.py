@@ -6,8 +6,6 @@ trainer config and asserts global batch = micro x accumulation x world (docs/DES
 from __future__ import annotations
 
 import copy
-import contextlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,15 +103,12 @@ def compute_init(timeout_s: int = 1800) -> Dist:
     else:
         device = "cpu"
         keep_freed_memory()  # a CPU rank reuses its activations' memory (allocator.py)
-    # On CPU, DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
-    # from every rank at every start (also when the op was built long ago): kept from the user's log.
-    said = io.StringIO()
-    with contextlib.redirect_stdout(said):
-        deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False,
-                                   timeout=timedelta(seconds=timeout_s))
-    for line in said.getvalue().splitlines():
-        if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully")):
-            print(line, flush=True)
+        # DeepSpeed's shared-memory comm op serves only inference_all_reduce (tensor-parallel
+        # inference), none of ZeRO's collectives; left on, every fresh machine JIT-compiles it
+        # (25-60 s of C++) before a first CPU run can start.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world, device)
 
 
