@@ -175,7 +175,10 @@ def _recover_and_compare(c, job, work, run_dir, cache, out, t0, lost_at, actor_n
           f"n2 lost after step-4, found DOWN and requeued after {detected_s:.0f}s; step-{newest} damaged")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, text[-8000:])
     first, second = text.split(f"job {job} (restart 1)")
-    assert first.count("actor died on shard") >= 2 and "reference scoring done" in first, first[-6000:]
+    # the killed actor's death is reported; so is the lost node's actor when the kill was on n1 (after
+    # a kill on n2, the replacement may have started on n1 and n2 held no actor when it was lost)
+    deaths = 2 if actor_node == "n1" else 1
+    assert first.count("actor died on shard") >= deaths and "reference scoring done" in first, first[-6000:]
     # the rank left on n1 waits in its collective (nothing tells it the peer is gone) until Slurm
     # cancels the job for the node failure; the log holds no traceback
     assert "CANCELLED" in first and "DUE TO NODE FAILURE" in first and "Traceback" not in text, text[-8000:]
