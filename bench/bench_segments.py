@@ -10,6 +10,8 @@ with sdpa, so segment attention is its attention for one-row batches and transfo
 (`score.token_budget`), inference mode. Training: micro-batches of `--micro` pairs in data order
 (as the trainer draws them), LoRA r=16 on every projection, loss = sum of log-probs, backward. The two
 sides alternate `--repeats` times and the best pass of each is kept (the machine may be shared).
+A second table: the LoRA step with the CPU training kernels (core.segments' parts attention, the
+fused head's kept logits) switched on one by one, against torch's SDPA per part.
 """
 from __future__ import annotations
 
@@ -125,7 +127,35 @@ def main(argv=None) -> int:
         table.append(f"| {name} | {dense[1] / dense[0]:,.0f} | {dense[1] / dense[2]:.2f} | {seg[1] / seg[0]:,.0f} | "
                      f"{dense[0] / seg[0]:.2f}x |")
     print("\n".join(table))
+    print("\n".join(kernel_table(train_pass, args.repeats)))
     return 0
+
+
+# The LoRA step (segment attention) with the CPU training kernels of core.segments and core.logps
+# switched on one by one: torch's SDPA per part and a recomputed head first (as before them).
+KERNELS = (("SDPA per part, head recomputed", False, 0), ("CPU parts attention, head recomputed", True, 0),
+           ("CPU parts attention, head logits kept", True, None))
+
+
+def kernel_table(train_pass, repeats: int) -> list[str]:
+    import dpo_dist.core.logps as logps
+    import dpo_dist.core.segments as segments
+
+    default_kept = logps.KEPT_LOGITS_BYTES
+    best = {}
+    try:
+        for _ in range(repeats):
+            for name, parts, kept in KERNELS:
+                segments.CPU_TRAINING_PARTS = parts
+                logps.KEPT_LOGITS_BYTES = default_kept if kept is None else kept
+                seconds, real, _ = train_pass(True)
+                best[name] = min(best.get(name, (float("inf"), real)), (seconds, real))
+    finally:
+        segments.CPU_TRAINING_PARTS, logps.KEPT_LOGITS_BYTES = True, default_kept
+    base = best[KERNELS[0][0]][0]
+    table = ["| LoRA training step (segment attention) | tokens/s | speed-up |", "|---|---|---|"]
+    table += [f"| {name} | {real / seconds:,.0f} | {base / seconds:.2f}x |" for name, (seconds, real) in best.items()]
+    return table
 
 
 if __name__ == "__main__":

@@ -55,20 +55,23 @@ def cache_values(model_dir: Path, pairs, dtype: str, max_length: int) -> list[di
 
 def policy_values(model, rows: list[dict], layout: str, pad_id: int, micro: int = 2, breakage=None) -> list[list]:
     """Per micro-batch of `micro` pairs, on the training path: [(policy log-prob, response tokens) per
-    sequence], chosen of each pair, then rejected of each (rows[i] with i = batch start + j)."""
+    sequence], chosen of each pair, then rejected of each (rows[i] with i = batch start + j).
+    As the trainer's first step computes them: autograd on (so a CPU runs the training kernels of
+    core.segments and core.logps) and one-row segment attention where the model has it; a `breakage`
+    (which edits the dense mask or positions) runs the dense rows."""
     from dpo_dist.config import Config
     from dpo_dist.stages.train import collate, dpo_forward
 
     cfg = Config()
     cfg.model.layout = layout
     batches = []
-    with torch.no_grad():
+    with torch.enable_grad():
         for i in range(0, len(rows) - micro + 1, micro):
-            batch = collate(rows[i:i + micro], pad_id, "cpu", layout)
+            batch = collate(rows[i:i + micro], pad_id, "cpu", layout, engine=None if breakage else model)
             if breakage:
                 breakage(batch)
             out = dpo_forward(model, batch, cfg)
-            logps = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+            logps = torch.cat([out["chosen_logps"], out["rejected_logps"]]).detach()
             tokens = torch.cat([out["chosen_tokens"], out["rejected_tokens"]])
             batches.append([[float(v), int(t)] for v, t in zip(logps, tokens)])
     return batches

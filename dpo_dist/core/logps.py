@@ -116,36 +116,40 @@ def usable_layout(config, layout: str) -> tuple[str, str | None]:
 class HeadTokenLogps(torch.autograd.Function):
     """log p(target | hidden) = logits[target] - logsumexp(logits), logits = hidden @ weight.T (+ bias),
     over chunks of tokens so that no [tokens x vocab] tensor outlives its chunk; backward recomputes
-    each chunk's logits. The matmul runs in the model's dtype (as nn.Linear would), the log-softmax
-    and the returned values in float32 (float64 for float64 models).
+    each chunk's logits, except the chunks kept (up to `keep_bytes` of them, from the first). The
+    matmul runs in the model's dtype (as nn.Linear would), the log-softmax and the returned values
+    in float32 (float64 for float64 models).
 
     hidden: (N, D); weight: (V, D); bias: (V,) or None; targets: (N,) int64. Returns (N,).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, keep_bytes=0):
         compute = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(hidden.shape[0], dtype=compute, device=hidden.device)
         lse = torch.empty_like(out)
+        kept = []
         for s in range(0, hidden.shape[0], chunk_size):
             logits = torch.nn.functional.linear(hidden[s:s + chunk_size], weight, bias).to(compute)  # (C, V)
             lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
             out[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - lse[s:s + chunk_size]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            if (len(kept) + 1) * logits.nbytes <= keep_bytes:
+                kept.append(logits)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, *kept)
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, *kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         compute = lse.dtype
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=compute, device=weight.device) if need_b and bias is not None else None
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
+        for i, s in enumerate(range(0, hidden.shape[0], ctx.chunk_size)):
             h, g = hidden[s:s + ctx.chunk_size], grad_out[s:s + ctx.chunk_size].to(compute)
-            logits = torch.nn.functional.linear(h, weight, bias).to(compute)
+            logits = kept[i] if i < len(kept) else torch.nn.functional.linear(h, weight, bias).to(compute)
             d = torch.exp(logits - lse[s:s + ctx.chunk_size, None]).mul_(-g[:, None])  # -g * softmax
             d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g[:, None])  # + g at the target
             if grad_b is not None:
@@ -156,7 +160,12 @@ class HeadTokenLogps(torch.autograd.Function):
             if need_w:
                 grad_w += (d.t() @ h).to(compute)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None)
+                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None)
+
+
+# Logits a CPU training forward keeps for HeadTokenLogps' backward (which then skips their matmul),
+# per micro-batch: 512 MB (a GPU keeps none: its memory holds the model).
+KEPT_LOGITS_BYTES = 512 << 20
 
 
 def _hf_model(model):
@@ -246,7 +255,8 @@ def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int | None 
 
         def forward(hidden):  # (R, W, D) -> (N,) log-probs of the targets
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_pos)
-            return HeadTokenLogps.apply(picked, head.weight, head.bias, target_ids, chunk)
+            keep = KEPT_LOGITS_BYTES if picked.device.type == "cpu" and torch.is_grad_enabled() else 0
+            return HeadTokenLogps.apply(picked, head.weight, head.bias, target_ids, chunk, keep)
 
         with _head_replaced(head, forward):
             tokens = model(**kwargs).logits

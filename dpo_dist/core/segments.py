@@ -61,15 +61,25 @@ def segment_parts(start: int, length: int, hidden: list[tuple[int, int, int, int
     return parts
 
 
+# CPU training runs _CpuPartsAttention (bench/bench_segments.py turns this off for its baseline).
+CPU_TRAINING_PARTS = True
+
+
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: Spans,
                       scaling: float | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Attention of a one-row batch by parts.
 
     query: (1, H, W, D); key, value: (1, H_kv, W, D) with H a multiple of H_kv (grouped queries).
     Returns (1, W, H, D), the layout Hugging Face attention functions return.
+    A CPU forward that autograd records runs `_CpuPartsAttention` (explicit matmuls, see there);
+    any other (scoring, evaluation, a GPU) runs `scaled_dot_product_attention` per part.
     """
     if query.shape[0] != 1 or query.shape[2] != spans.width:
         raise ValueError(f"segment attention: expected one row of {spans.width} tokens, got query {tuple(query.shape)}")
+    if (CPU_TRAINING_PARTS and query.device.type == "cpu" and dropout == 0.0 and torch.is_grad_enabled()
+            and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return _CpuPartsAttention.apply(query, key, value, spans, scale).transpose(1, 2).contiguous()
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa = query.shape[1] != key.shape[1]
     outs = []
@@ -85,3 +95,111 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                          scale=scaling, enable_gqa=gqa))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous()
+
+
+# Attention probabilities a CPU training forward keeps for its backward, per call (one layer, one
+# micro-batch), in bytes; the parts past it recompute theirs (the same bits) in the backward.
+# 64 MB: with 30 layers, at most ~2 GB per micro-batch.
+KEPT_PROBS_BYTES = 64 << 20
+# Query rows per block of a part (see _blocks).
+BLOCK_ROWS = 128
+
+
+def _keys(t: torch.Tensor, k_ranges) -> torch.Tensor:
+    """The keys (or values) of a part: t (H_kv, W, D) -> (H_kv, K, D)."""
+    if len(k_ranges) == 1:
+        return t[:, k_ranges[0][0]:k_ranges[0][1]]
+    return torch.cat([t[:, a:b] for a, b in k_ranges], dim=1)
+
+
+def _part_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, groups: int, scale: float, dtype) -> torch.Tensor:
+    """Attention probabilities (H_kv, groups * Q, K) in `dtype` of q (H_kv, groups * Q, D) against
+    k (H_kv, K, D), where `mask` (Q, K) allows. The scores and the softmax in float32, as a flash
+    kernel keeps them (bf16 scores would round the softmax's logits)."""
+    kv_heads, rows, _ = q.shape
+    s = torch.bmm(q.float(), k.float().transpose(1, 2)).mul_(scale)
+    s = s.view(kv_heads, groups, rows // groups, k.shape[1]).masked_fill_(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1).to(dtype).view(kv_heads, rows, k.shape[1])
+
+
+def _blocks(n: int, keys: int, rows: int):
+    """Row blocks [r0, r1) of a part of n queries over `keys` keys (lower-right causal): block rows see
+    the first keys - (n - r1) keys, so the masked corner above the diagonal is mostly never computed."""
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        yield r0, r1, keys - (n - r1)
+
+
+class _CpuPartsAttention(torch.autograd.Function):
+    """Segment attention for CPU training: each part in blocks of BLOCK_ROWS queries (a block skips
+    the keys that all its rows mask), each block as explicit batched matmuls (the query heads of a
+    key head stacked as rows: grouped queries without repeating keys), the softmax in float32, the
+    probabilities in the model's dtype for the value matmul and kept (up to KEPT_PROBS_BYTES) for
+    the backward, which is four matmuls and one elementwise pass per block.
+
+    Why: torch's CPU flash-attention backward recomputes its blocks and ran 4.7x its forward on a
+    LoRA step of the real SmolLM2 (a quarter of the step); this one runs about 1.1x. Values and
+    gradients match the flash kernel's within its own rounding (tests/unit/test_segments.py)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, spans: Spans, scale: float):
+        _, heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
+        out = torch.empty_like(query)
+        saved, kept, kept_bytes = [], [], 0
+        for q_lo, q_hi, k_ranges in spans.parts:
+            k, v = _keys(key[0], k_ranges), _keys(value[0], k_ranges)
+            for r0, r1, kb in _blocks(q_hi - q_lo, k.shape[1], BLOCK_ROWS):
+                q = query[0, :, q_lo + r0:q_lo + r1].reshape(kv_heads, groups * (r1 - r0), dim)
+                p = _part_probs(q, k[:, :kb], spans.mask(r1 - r0, kb, query.device), groups, scale, query.dtype)
+                out[0, :, q_lo + r0:q_lo + r1] = torch.bmm(p, v[:, :kb]).view(heads, r1 - r0, dim)
+                keep = kept_bytes + p.nbytes <= KEPT_PROBS_BYTES
+                if keep:
+                    kept_bytes += p.nbytes
+                    saved.append(p)
+                kept.append(keep)
+        ctx.spans, ctx.scale, ctx.kept = spans, scale, kept
+        ctx.save_for_backward(query, key, value, out, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, *saved = ctx.saved_tensors
+        spans, scale = ctx.spans, ctx.scale
+        _, heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
+        dq = torch.empty_like(query)  # the parts tile the row: every query row is written
+        # key and value gradients sum over blocks and parts (a prompt's keys serve two parts): in float32
+        dk, dv = torch.zeros_like(key[0], dtype=torch.float32), torch.zeros_like(value[0], dtype=torch.float32)
+        kept_probs, kept = iter(saved), iter(ctx.kept)
+        for q_lo, q_hi, k_ranges in spans.parts:
+            k, v = _keys(key[0], k_ranges), _keys(value[0], k_ranges)
+            if len(k_ranges) == 1:  # the part's key gradients accumulate in place
+                dk_part, dv_part = dk[:, k_ranges[0][0]:k_ranges[0][1]], dv[:, k_ranges[0][0]:k_ranges[0][1]]
+            else:
+                dk_part, dv_part = torch.zeros_like(dk[:, :k.shape[1]]), torch.zeros_like(dv[:, :k.shape[1]])
+            for r0, r1, kb in _blocks(q_hi - q_lo, k.shape[1], BLOCK_ROWS):
+                rows = slice(q_lo + r0, q_lo + r1)
+                q = query[0, :, rows].reshape(kv_heads, groups * (r1 - r0), dim)
+                if next(kept):
+                    p = next(kept_probs)
+                else:  # the probabilities again, as the forward made them (the same operations: the same bits)
+                    p = _part_probs(q, k[:, :kb], spans.mask(r1 - r0, kb, query.device), groups, scale, query.dtype)
+                g_out = grad_out[0, :, rows].reshape(kv_heads, groups * (r1 - r0), dim)
+                o = out[0, :, rows].reshape(kv_heads, groups * (r1 - r0), dim)
+                d_p = torch.bmm(g_out, v[:, :kb].transpose(1, 2)).float()
+                # softmax backward: dS = P * (dP - rowsum(dO * O)), times the scale of the scores
+                d_s = d_p.sub_((g_out.float() * o.float()).sum(-1, keepdim=True)).mul_(p.float()).mul_(scale)
+                d_s = d_s.to(query.dtype)
+                dq[0, :, rows] = torch.bmm(d_s, k[:, :kb]).view(heads, r1 - r0, dim)
+                dk_part[:, :kb] += torch.bmm(d_s.transpose(1, 2), q)
+                dv_part[:, :kb] += torch.bmm(p.transpose(1, 2), g_out)
+            if len(k_ranges) > 1:
+                at = 0
+                for a, b in k_ranges:
+                    dk[:, a:b] += dk_part[:, at:at + b - a]
+                    dv[:, a:b] += dv_part[:, at:at + b - a]
+                    at += b - a
+        return dq, dk.to(key.dtype).unsqueeze(0), dv.to(value.dtype).unsqueeze(0), None, None

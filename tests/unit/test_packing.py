@@ -146,6 +146,22 @@ def test_head_function_values_and_gradients_match_float64_autograd(bias):
     assert math.isfinite(float(got.detach().sum()))
 
 
+@pytest.mark.parametrize("keep_chunks", [1, 2, 3])
+def test_head_logits_kept_for_the_backward_give_the_recomputed_gradients(keep_chunks):
+    """A CPU training forward keeps chunks of logits (core.logps.KEPT_LOGITS_BYTES) so the backward
+    skips their matmul: the same bits as recomputing them, all chunks kept or some."""
+    torch.manual_seed(4)
+    n, d, v, chunk = 11, 6, 29, 4  # 3 chunks: 4, 4, 3 tokens
+    h = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(v, d, dtype=torch.bfloat16, requires_grad=True)
+    t, g = torch.randint(0, v, (n,)), torch.randn(n)
+    grads = []
+    for keep in (0, keep_chunks * chunk * v * 4):  # bytes of float32 logits
+        out = HeadTokenLogps.apply(h, w, None, t, chunk, keep)
+        grads.append([out.detach(), *torch.autograd.grad((out * g).sum(), [h, w])])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_bf16_fused_values_equal_the_plain_bf16_path():
     """The head's matmul runs in bf16 as nn.Linear does; the log-softmax in float32 as before."""
     model = tiny("llama", dtype=torch.bfloat16)

@@ -112,6 +112,75 @@ def test_bf16_one_row_is_as_close_to_float64_as_the_dense_path():
     assert err[True] < 2 * err[False] + 0.05, err
 
 
+def _dense_float64(query, key, value, spans):
+    """Attention of a one-row batch in float64 with a dense (W x W) mask built from the spans' parts:
+    plain autograd ops, no kernel shared with core.segments."""
+    w = spans.width
+    allowed = torch.zeros(w, w, dtype=torch.bool)
+    for q_lo, q_hi, k_ranges in spans.parts:
+        keys = [j for a, b in k_ranges for j in range(a, b)]
+        for i in range(q_lo, q_hi):  # lower-right causal over the part's keys
+            allowed[i, keys[:len(keys) - (q_hi - 1 - i)]] = True
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    s = (query @ k.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+def _attention_and_grads(fn, qkv, grad, dtype):
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in qkv)
+    out = fn(q, k, v)
+    out.backward(grad.to(dtype))
+    return [t.detach().double() for t in (out, q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
+def test_cpu_training_attention_is_as_close_to_float64_as_the_flash_kernel(monkeypatch, heads):
+    """core.segments._CpuPartsAttention (CPU, autograd on): values and q/k/v gradients against a
+    float64 dense-mask computation; float32 to 1e-5, bf16 within 2x the error of torch's SDPA
+    kernels on the same parts (CPU_TRAINING_PARTS off). Blocks of 8 rows, so parts span several."""
+    import dpo_dist.core.segments as seg
+
+    monkeypatch.setattr(seg, "BLOCK_ROWS", 8)
+    parts = (seg.segment_parts(0, 30, [(19, 30, 12, 19)]) + seg.segment_parts(30, 21, [])
+             + seg.segment_parts(51, 9, [(5, 9, 0, 5)]))  # a pair with a prompt, a packed sequence, a pair without
+    spans = Spans(60, parts)
+    torch.manual_seed(0)
+    h, h_kv = heads
+    qkv = (torch.randn(1, h, 60, 16) * 2, torch.randn(1, h_kv, 60, 16) * 2, torch.randn(1, h_kv, 60, 16))
+    grad = torch.randn(1, h, 60, 16)
+
+    def ours(q, k, v):
+        return segment_attention(q, k, v, spans).transpose(1, 2)
+
+    want = _attention_and_grads(lambda q, k, v: _dense_float64(q, k, v, spans), qkv, grad, torch.float64)
+    for got, w in zip(_attention_and_grads(ours, qkv, grad, torch.float32), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+    err = {}
+    for on in (True, False):
+        monkeypatch.setattr(seg, "CPU_TRAINING_PARTS", on)
+        got = _attention_and_grads(ours, qkv, grad, torch.bfloat16)
+        err[on] = [float((a - b).norm() / b.norm()) for a, b in zip(got, want)]
+    assert all(e < 2 * f + 1e-3 for e, f in zip(err[True], err[False])), err
+
+
+def test_cpu_training_attention_recomputes_what_it_does_not_keep(monkeypatch):
+    """Probabilities past KEPT_PROBS_BYTES are recomputed in the backward: the same gradient bits."""
+    import dpo_dist.core.segments as seg
+
+    monkeypatch.setattr(seg, "BLOCK_ROWS", 8)
+    spans = Spans(40, seg.segment_parts(0, 40, [(25, 40, 10, 25)]))
+    torch.manual_seed(1)
+    qkv = (torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))
+    grad = torch.randn(1, 4, 40, 8)
+    runs = []
+    for kept in (1 << 30, 3000, 0):  # all blocks kept, some, none
+        monkeypatch.setattr(seg, "KEPT_PROBS_BYTES", kept)
+        runs.append(_attention_and_grads(lambda q, k, v: segment_attention(q, k, v, spans).transpose(1, 2), qkv, grad,
+                                         torch.bfloat16))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+
+
 def test_spans_must_cover_the_row():
     q = torch.zeros(1, 2, 5, 4)
     with pytest.raises(ValueError, match="one row of 6 tokens"):
