@@ -56,9 +56,9 @@ def cache_values(model_dir: Path, pairs, dtype: str, max_length: int) -> list[di
 def policy_values(model, rows: list[dict], layout: str, pad_id: int, micro: int = 2, breakage=None) -> list[list]:
     """Per micro-batch of `micro` pairs, on the training path: [(policy log-prob, response tokens) per
     sequence], chosen of each pair, then rejected of each (rows[i] with i = batch start + j).
-    As the trainer's first step computes them: autograd on (so a CPU runs the training kernels of
-    core.segments and core.logps) and one-row segment attention where the model has it; a `breakage`
-    (which edits the dense mask or positions) runs the dense rows."""
+    As the trainer's first step computes them: autograd on, one-row segment attention where the model
+    has it (with the scorer's kernels: `collate(first_step=True)`); a `breakage` (which edits the dense
+    mask or positions) runs the dense rows."""
     from dpo_dist.config import Config
     from dpo_dist.stages.train import collate, dpo_forward
 
@@ -67,7 +67,7 @@ def policy_values(model, rows: list[dict], layout: str, pad_id: int, micro: int 
     batches = []
     with torch.enable_grad():
         for i in range(0, len(rows) - micro + 1, micro):
-            batch = collate(rows[i:i + micro], pad_id, "cpu", layout, engine=None if breakage else model)
+            batch = collate(rows[i:i + micro], pad_id, "cpu", layout, engine=None if breakage else model, first_step=True)
             if breakage:
                 breakage(batch)
             out = dpo_forward(model, batch, cfg)

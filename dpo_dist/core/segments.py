@@ -30,6 +30,9 @@ class Spans:
 
     width: int
     parts: list[tuple[int, int, tuple[tuple[int, int], ...]]]
+    # torch's SDPA per part also where a CPU training step would run _CpuPartsAttention: the first
+    # optimizer step's micro-batches, so that the step-0 check compares the scorer's arithmetic
+    sdpa: bool = False
     _masks: dict = field(default_factory=dict, repr=False)
 
     def mask(self, queries: int, keys: int, device) -> torch.Tensor:
@@ -72,11 +75,11 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     query: (1, H, W, D); key, value: (1, H_kv, W, D) with H a multiple of H_kv (grouped queries).
     Returns (1, W, H, D), the layout Hugging Face attention functions return.
     A CPU forward that autograd records runs `_CpuPartsAttention` (explicit matmuls, see there);
-    any other (scoring, evaluation, a GPU) runs `scaled_dot_product_attention` per part.
+    any other (scoring, evaluation, a GPU, `spans.sdpa`) runs `scaled_dot_product_attention` per part.
     """
     if query.shape[0] != 1 or query.shape[2] != spans.width:
         raise ValueError(f"segment attention: expected one row of {spans.width} tokens, got query {tuple(query.shape)}")
-    if (CPU_TRAINING_PARTS and query.device.type == "cpu" and dropout == 0.0 and torch.is_grad_enabled()
+    if (CPU_TRAINING_PARTS and not spans.sdpa and query.device.type == "cpu" and dropout == 0.0 and torch.is_grad_enabled()
             and (query.requires_grad or key.requires_grad or value.requires_grad)):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return _CpuPartsAttention.apply(query, key, value, spans, scale).transpose(1, 2).contiguous()

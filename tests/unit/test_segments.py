@@ -181,6 +181,24 @@ def test_cpu_training_attention_recomputes_what_it_does_not_keep(monkeypatch):
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
 
 
+def test_the_first_step_computes_what_the_scorer_computes_bit_for_bit():
+    """The trainer's first step (collate first_step=True: Spans.sdpa) runs the scorer's kernels with
+    autograd on, so the step-0 check compares the same arithmetic; later steps run the CPU kernel."""
+    from dpo_dist.stages.train.forward import collate
+
+    model = seg_model("llama", dtype=torch.bfloat16).train()
+    rows = [{**e, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for e in pairs(4, seed=5)]
+    with torch.inference_mode():  # as the scorer computes them
+        scored, _ = layout_logps(model, collate(rows, 0, "cpu", "shared", model))
+    first = collate(rows, 0, "cpu", "shared", model, first_step=True)
+    assert first["spans"].sdpa and not collate(rows, 0, "cpu", "shared", model)["spans"].sdpa
+    step0, _ = layout_logps(model, first)
+    later, _ = layout_logps(model, collate(rows, 0, "cpu", "shared", model))
+    assert step0.requires_grad and torch.equal(step0.detach(), scored)
+    assert not torch.equal(later.detach(), scored)  # another kernel's rounding (bf16)
+    torch.testing.assert_close(later.detach(), scored, atol=0.1, rtol=0.02)
+
+
 def test_spans_must_cover_the_row():
     q = torch.zeros(1, 2, 5, 4)
     with pytest.raises(ValueError, match="one row of 6 tokens"):

@@ -7,9 +7,12 @@ from dpo_dist.core import cache as cache_mod
 from dpo_dist.engines.deepspeed_engine import Dist, all_reduce, rank_rounds
 
 
-def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared", engine=None) -> dict:
+def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared", engine=None,
+            first_step: bool = False) -> dict:
     """The micro-batch's pairs in `layout` (core.packing) with their cached reference values; one row
-    with attention spans where `engine`'s model runs segment attention."""
+    with attention spans where `engine`'s model runs segment attention. `first_step`: a micro-batch of
+    the first optimizer step, whose attention runs the scorer's kernels (`Spans.sdpa`): the step-0
+    check then compares like with like (bit for bit where dtype and layout agree)."""
     import torch
 
     from dpo_dist.core.logps import segment_attention_on, to_device
@@ -17,6 +20,8 @@ def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared", 
 
     segments = engine is not None and segment_attention_on(engine)
     batch = to_device(pairs_layout(rows, layout, pad_id, segment_attention=segments), device)
+    if first_step and batch.get("spans") is not None:
+        batch["spans"].sdpa = True
     batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32, device=device)
     batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32, device=device)
     return batch

@@ -209,7 +209,8 @@ def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, f
     tokens = 0
     step0 = Step0Sums()
     for micro in micro_batches:
-        batch = collate([run.train_split[i] for i in micro], run.pad_id, dist.device, cfg.model.layout, engine)
+        batch = collate([run.train_split[i] for i in micro], run.pad_id, dist.device, cfg.model.layout, engine,
+                        first_step=step == 0)
         out = dpo_forward(engine, batch, cfg)
         if step == 0:  # every micro-batch of the first step sees the reference's weights
             step0.add(out, batch)
