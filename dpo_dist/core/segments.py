@@ -141,7 +141,7 @@ class _CpuPartsAttention(torch.autograd.Function):
     the backward, which is four matmuls and one elementwise pass per block.
 
     Why: torch's CPU flash-attention backward recomputes its blocks and ran 4.7x its forward on a
-    LoRA step of the real SmolLM2 (a quarter of the step); this one runs about 1.1x. Values and
+    LoRA step of the real SmolLM2 (a quarter of the step); this one runs about 1.2x. Values and
     gradients match the flash kernel's within its own rounding (tests/unit/test_segments.py)."""
 
     @staticmethod
