@@ -141,7 +141,7 @@ def kernel_table(train_pass, repeats: int) -> list[str]:
     import dpo_dist.core.logps as logps
     import dpo_dist.core.segments as segments
 
-    default_kept = logps.KEPT_LOGITS_BYTES
+    default_parts, default_kept = segments.CPU_TRAINING_PARTS, logps.KEPT_LOGITS_BYTES
     best = {}
     try:
         for _ in range(repeats):
@@ -151,7 +151,7 @@ def kernel_table(train_pass, repeats: int) -> list[str]:
                 seconds, real, _ = train_pass(True)
                 best[name] = min(best.get(name, (float("inf"), real)), (seconds, real))
     finally:
-        segments.CPU_TRAINING_PARTS, logps.KEPT_LOGITS_BYTES = True, default_kept
+        segments.CPU_TRAINING_PARTS, logps.KEPT_LOGITS_BYTES = default_parts, default_kept
     base = best[KERNELS[0][0]][0]
     table = ["| LoRA training step (segment attention) | tokens/s | speed-up |", "|---|---|---|"]
     table += [f"| {name} | {real / seconds:,.0f} | {base / seconds:.2f}x |" for name, (seconds, real) in best.items()]

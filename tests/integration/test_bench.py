@@ -130,3 +130,6 @@ def test_segment_attention_bench_times_both_paths(tiny_model, hh_path):
                        "--repeats", 1, "--dtype", "float32", "--max-length", 128)
     for work in ("scoring forward", "LoRA training step"):
         assert re.search(rf"^\| {work} \| [\d,]+ \| [\d.]+ \| [\d,]+ \| [\d.]+x \|$", stdout, re.M), stdout
+    for kernels in ("SDPA per part, head recomputed", "CPU parts attention, head recomputed",
+                    "CPU parts attention, head logits kept"):  # the CPU training kernels, one by one
+        assert re.search(rf"^\| {kernels} \| [\d,]+ \| [\d.]+x \|$", stdout, re.M), stdout
