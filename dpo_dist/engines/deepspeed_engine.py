@@ -5,6 +5,7 @@ trainer config and asserts global batch = micro x accumulation x world (docs/DES
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from typing import Any
 
 from dpo_dist.config import TrainConfig
 from dpo_dist.core.ds_json import DeepSpeedConfigError
-from dpo_dist.core.errors import UserError, causes
+from dpo_dist.core.atomic import disk_full
+from dpo_dist.core.errors import UserError
 from dpo_dist.core.schedule import lr_lambda
 from dpo_dist.engines.allocator import keep_freed_memory
 
@@ -271,11 +273,11 @@ class Engine:
             raise
 
     def load(self, ckpt_dir: Path, tag: str) -> dict:
-        """Load a checkpoint with `torch.load(weights_only=True)`: tensors, plain containers and the
-        few DeepSpeed classes its optimizer state holds, nothing else unpickled (DeepSpeed's own
-        loader unpickles anything)."""
-        self.ds.checkpoint_engine.load = weights_only_load
-        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        """Load a checkpoint (a universal one when the engine was built with load_universal) with
+        `torch.load(weights_only=True)`: tensors, plain containers and the few DeepSpeed classes its
+        optimizer state holds, nothing else unpickled (DeepSpeed's own loader unpickles anything)."""
+        with weights_only_loads():
+            path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
         return client_state
@@ -287,50 +289,12 @@ class Engine:
         return self.ds.module.state_dict() if self.ds.global_rank == 0 else None
 
 
-FULL_DISK_MIB = 64  # less free than this after a failed write: the write failed because the disk is full
-
-
-def disk_free_mib(path: Path) -> float | None:
-    """Free MiB on the filesystem holding `path` (or its nearest existing parent); None if unknown."""
-    import shutil
-
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free / 2**20
-    except OSError:
-        return None
-
-
-def disk_full(error: BaseException, path: Path) -> str | None:
-    """'the disk is full (N MiB free)' (or 'the disk quota is exceeded') when `error`, raised while
-    writing under `path`, came from there being no room; else None. Call it before removing the
-    partial files. Writers say it three ways: an OSError with ENOSPC or EDQUOT (json, tokenizers), a
-    SafetensorError whose text ends `(os error 28)` (no errno), a torch.save zip writer position
-    error (nothing at all: then less than FULL_DISK_MIB free is the sign)."""
-    import errno
-    import re
-
-    free = disk_free_mib(path)
-    full = f"the disk is full ({free:.0f} MiB free)" if free is not None else "the disk is full"
-    for seen in causes(error):
-        code = getattr(seen, "errno", None)
-        said = re.search(r"\(os error (\d+)\)", str(seen))
-        code = code if code is not None else int(said.group(1)) if said else None
-        if code == errno.EDQUOT:
-            return "the disk quota is exceeded"
-        if code == errno.ENOSPC:
-            return full
-    return full if free is not None and free < FULL_DISK_MIB else None
-
-
-def weights_only_load(path: str, map_location=None):
+def weights_only_load(path: str, map_location=None, load=None):
     """torch.load of a DeepSpeed checkpoint file with weights_only=True. DeepSpeed writes a few of
     its own plain data classes into optimizer state (the ZeRO stage enum, loss scalers, fragment
     addresses; more in other configurations): a class from the `deepspeed` package that is an enum,
     a dataclass or a loss scaler is allowed by name when the file names it; anything else is
-    refused, naming it."""
+    refused, naming it. `load`: torch.load as it was before weights_only_loads replaced it."""
     import dataclasses
     import enum
     import importlib
@@ -344,7 +308,7 @@ def weights_only_load(path: str, map_location=None):
     while True:
         try:
             with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return (load or torch.load)(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
             name = found.group(1) if found else None
@@ -357,6 +321,40 @@ def weights_only_load(path: str, map_location=None):
                 raise pickle.UnpicklingError(f"{path}: holds {name or 'an object'} that a weights-only load refuses "
                                              "(not plain data); not loading it") from None
             allowed.append(obj)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside the block is weights_only_load: DeepSpeed's checkpoint loader and its
+    universal checkpoint code (conversion, and the ZeRO optimizers' load_universal paths) call
+    torch.load with weights_only off themselves."""
+    import torch
+
+    plain = torch.load
+    torch.load = lambda f, map_location=None, **_: weights_only_load(f, map_location, load=plain)
+    try:
+        yield
+    finally:
+        torch.load = plain
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal) of the ZeRO-1/2/3 checkpoint
+    folder `src` into a universal checkpoint at `dst`, which an engine of any world size loads
+    (`"checkpoint": {"load_universal": true}`). In this process (no worker pool), its progress
+    output kept out of the log. It writes a `latest_universal` file beside `dst` (in dst's parent)."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    # inject_missing_state: checkpoints of a plain (not tensor-parallel) model lack the version record
+    # that Megatron-DeepSpeed writes for ZeRO-1/2; DeepSpeed adds it itself
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    said = io.StringIO()
+    with weights_only_loads(), contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        main(args)
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:

@@ -48,7 +48,7 @@ def test_each_writers_full_disk_error_is_recognised(small_disk, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from dpo_dist.engines.deepspeed_engine import FULL_DISK_MIB, disk_free_mib, disk_full
+    from dpo_dist.core.atomic import FULL_DISK_MIB, disk_free_mib, disk_full
 
     writers = {"json": lambda: (small_disk / "a.json").write_text(json.dumps(list(range(100_000)))),
                "safetensors": lambda: save_file({"w": torch.zeros(1 << 18)}, str(small_disk / "a.safetensors")),
