@@ -203,7 +203,7 @@ def _train(args) -> int:
 
     cfg = _load(args)  # validate before starting processes
     world, has_gpu = num_procs(cfg)
-    preflight(cfg, world, has_gpu)
+    preflight(cfg, world, has_gpu, overwrite=args.overwrite)
     note = check_run_folder(cfg, world, args.overwrite, check_cache=True)  # refuse before torchrun starts
     if note:
         print(f"[dpo-dist] {note}", flush=True)

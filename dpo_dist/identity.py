@@ -36,8 +36,8 @@ _ADAPTER_NOISE = {"base_model_name_or_path", "revision", "inference_mode"}
 _PROBE = "Hello world!\n\nHuman: 1,234 caf\u00e9s?\n\nAssistant: \u4f60\u597d <|eos|></s>"
 RUN_FILE = "run.json"
 # Run identity fields that may grow on resume (train longer), and what is not identity at all:
-# logging, eval and save cadence, keep_last, export, gradient checkpointing, num_procs (its effect,
-# the world size, is identity).
+# logging, eval and save cadence, keep_last, export, gradient checkpointing, num_procs and the world
+# size (a run resumed on another world keeps its global batch; the accumulation adjusts: for_world).
 GROWABLE = ("train.steps", "sft.steps")
 
 
@@ -190,8 +190,8 @@ def run_identity(cfg, cache_id: dict, policy_weights: str, world_size: int, ds_c
                        if lora.enabled else "off"),
         "loss.loss_type": loss.loss_type, "loss.beta": loss.beta, "loss.label_smoothing": loss.label_smoothing,
         "loss.params": json.dumps(loss.params, sort_keys=True),
-        "train.micro_batch_size": t.micro_batch_size, "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train.world_size": world_size, "train.lr": t.lr, "train.weight_decay": t.weight_decay,
+        "train.micro_batch_size": t.micro_batch_size, "train.global_batch": global_batch,
+        "train.lr": t.lr, "train.weight_decay": t.weight_decay,
         "train.adam_betas": list(t.adam_betas), "train.warmup_steps": t.warmup_steps,
         "train.lr_scheduler": t.lr_scheduler, "train.max_grad_norm": t.max_grad_norm, "train.steps": steps,
         "train.seed": t.seed, "train.precision": _precision(ds_config),
@@ -214,8 +214,8 @@ def sft_identity(cfg, tokenizer, base_weights: str, world_size: int, ds_config: 
             "base.weights": base_weights, "model.attn_implementation": cfg.model.attn_implementation,
             "sft.lora": (json.dumps({"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
                                      "target_modules": sorted(lora.target_modules)}, sort_keys=True) if lora.enabled else "off"),
-            "sft.micro_batch_size": t.micro_batch_size, "sft.gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "sft.world_size": world_size, "sft.lr": t.lr, "sft.warmup_steps": t.warmup_steps,
+            "sft.micro_batch_size": t.micro_batch_size, "sft.global_batch": global_batch,
+            "sft.lr": t.lr, "sft.warmup_steps": t.warmup_steps,
             "sft.lr_scheduler": t.lr_scheduler, "sft.steps": t.max_steps or t.epochs * (n_train // global_batch),
             "train.weight_decay": t.weight_decay, "train.adam_betas": list(t.adam_betas),
             "train.max_grad_norm": t.max_grad_norm, "train.seed": t.seed, "train.precision": _precision(ds_config),
@@ -228,15 +228,53 @@ def _precision(ds_config: dict) -> str:
         "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
 
 
-def read_run(out_dir: Path) -> dict | None:
-    """The identity recorded in a run folder, or None when the folder holds no run.json."""
+def read_record(out_dir: Path) -> dict | None:
+    """A run folder's run.json (identity, names, the batch it started with), or None when it holds none.
+    A record written before runs were elastic (world size and accumulation in the identity) reads as
+    one written now: its global batch in the identity, its start in "started"."""
     path = Path(out_dir) / RUN_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["identity"]
-    except (ValueError, KeyError) as e:
+        record = json.loads(path.read_text())
+        identity = dict(record["identity"])
+    except (ValueError, KeyError, TypeError) as e:
         raise IdentityError(f"{path}: unreadable ({e}); move the run folder away or pass --overwrite") from None
+    for p in ("train", "sft"):
+        if f"{p}.world_size" in identity:
+            world, accum = identity.pop(f"{p}.world_size"), identity.pop(f"{p}.gradient_accumulation_steps")
+            identity[f"{p}.global_batch"] = identity[f"{p}.micro_batch_size"] * accum * world
+            record.setdefault("started", {"world_size": world, "gradient_accumulation_steps": accum})
+    return {**record, "identity": identity}
+
+
+def read_run(out_dir: Path) -> dict | None:
+    """The identity recorded in a run folder, or None when the folder holds no run.json."""
+    record = read_record(out_dir)
+    return record["identity"] if record else None
+
+
+def for_world(cfg, world_size: int, stage: str = "train", overwrite: bool = False):
+    """(cfg, note): `cfg` as it trains on `world_size` processes. When its run folder (output_dir, or
+    the SFT folder for stage "sft") holds a run started with another world size, the accumulation is
+    the one that keeps that run's global batch here (core.elastic), with a note saying so; a run
+    whose global batch no whole accumulation keeps here is refused (ElasticBatchError, naming the
+    world sizes that would). `overwrite`: the run there is set aside, this one starts anew."""
+    import dataclasses
+
+    from dpo_dist.core.elastic import resumed_accumulation
+
+    section = "sft" if stage == "sft" else "train"
+    record = None if overwrite else read_record(cfg.sft_dir() if section == "sft" else cfg.output_dir)
+    if record is None or f"{section}.global_batch" not in record["identity"] or not record.get("started"):
+        return cfg, None
+    run, t = record["identity"], cfg.sft_train() if section == "sft" else cfg.train
+    accum, note = resumed_accumulation(section, run_global=run[f"{section}.global_batch"], run_micro=run[f"{section}.micro_batch_size"],
+                                       started_accum=record["started"]["gradient_accumulation_steps"], micro=t.micro_batch_size,
+                                       accum=t.gradient_accumulation_steps, global_batch_size=t.global_batch_size, world=world_size)
+    if accum == t.gradient_accumulation_steps:
+        return cfg, note
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), gradient_accumulation_steps=accum)}), note
 
 
 def has_run(out_dir: Path) -> bool:
@@ -265,11 +303,13 @@ def check_run(out_dir: Path, identity: dict) -> bool:
     return True
 
 
-def write_run(out_dir: Path, identity: dict, names: dict) -> None:
-
+def write_run(out_dir: Path, identity: dict, names: dict, started: dict | None = None) -> None:
+    """run.json: the identity, the names it was computed from, and `started` ({"world_size",
+    "gradient_accumulation_steps"} of the run's first start; an earlier record's is kept)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"identity": identity, "names": names, "created": now()}
+    earlier = read_record(out_dir) if (out_dir / RUN_FILE).is_file() else None
+    record = {"identity": identity, "names": names, "created": now(), "started": (earlier or {}).get("started", started)}
     atomic_write_bytes(out_dir / RUN_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
 
 

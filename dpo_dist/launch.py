@@ -46,13 +46,16 @@ STALE_LOCK_S = 600
 _NAMED: set = set()  # young locks already named to the user
 
 
-def preflight(cfg: Config, world_size: int, has_gpu: bool, stage: str = "dpo") -> None:
+def preflight(cfg: Config, world_size: int, has_gpu: bool, stage: str = "dpo", overwrite: bool = False) -> None:
     """What the ranks would refuse, refused here, before torchrun starts (they check it all again:
     srun may start them without this process): the DeepSpeed JSON (present, valid JSON, batch sizes
-    that agree with the config and the world size); then stale extension build locks."""
+    that agree with the config and the world size, with the accumulation that keeps the global batch
+    of a run resumed on another world size); then stale extension build locks."""
     from dpo_dist.core.ds_json import DeepSpeedConfigError, load_ds_json
     from dpo_dist.engines.deepspeed_engine import fill_ds_config
+    from dpo_dist.identity import for_world
 
+    cfg, _ = for_world(cfg, world_size, stage, overwrite)  # a run resumed on another world keeps its global batch
     t = cfg.sft_train() if stage == "sft" else cfg.train
     try:
         ds = load_ds_json(t.deepspeed_config)
@@ -106,7 +109,7 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
     """Run the trainer (stage dpo or sft) to its end; SIGTERM/SIGUSR1 sent to this process reach the
     ranks, which save and stop."""
     nproc, has_gpu = num_procs(cfg)
-    preflight(cfg, nproc, has_gpu, stage)
+    preflight(cfg, nproc, has_gpu, stage, overwrite)
     env = dict(os.environ)
     if not has_gpu:  # share the cores: torchrun does not set OMP_NUM_THREADS on its own
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
@@ -142,7 +145,7 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
 def failure_line(cfg: Config, stage: str, code: int) -> str:
     """One line after torchrun's report of a failed run: what failed, and where a rerun resumes."""
     from dpo_dist.engines.checkpoints import latest_complete
-    from dpo_dist.engines.deepspeed_engine import FULL_DISK_MIB, disk_free_mib
+    from dpo_dist.core.atomic import FULL_DISK_MIB, disk_free_mib
 
     ckpt_dir = (cfg.sft_dir() if stage == "sft" else Path(cfg.output_dir)) / "checkpoints"
     latest = latest_complete(ckpt_dir)

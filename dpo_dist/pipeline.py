@@ -46,11 +46,13 @@ def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache:
 
 
 def run_identity_of(cfg: Config, world_size: int) -> dict:
-    """The run.json identity a training run of `cfg` on `world_size` processes records."""
+    """The run.json identity a training run of `cfg` on `world_size` processes records (a run in
+    output_dir started on another world size keeps its global batch: identity.for_world)."""
     from dpo_dist import identity as ident
     from dpo_dist.core.ds_json import load_ds_json
     from dpo_dist.models import resolve_model_dir
 
+    cfg, _ = ident.for_world(cfg, world_size)
     spec = ident.training_cache(cfg)
     policy = ident.model_identity(resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code))
     return ident.run_identity(cfg, spec.identity, policy, world_size, load_ds_json(cfg.train.deepspeed_config))
@@ -180,7 +182,7 @@ def run_pipeline(cfg: Config, config_path: str | None, overrides: list[str], ove
     world, has_gpu = num_procs(cfg)
     for stage in ("sft", "train"):  # the trainers' input, refused before any stage's work
         if stage in stages:
-            preflight(cfg, world, has_gpu, "sft" if stage == "sft" else "dpo")
+            preflight(cfg, world, has_gpu, "sft" if stage == "sft" else "dpo", overwrite)
     sft_pending = cfg.uses_sft() and not (cfg.sft_export_dir() / "config.json").is_file()
     if not sft_pending and "train" in stages:  # with the SFT export at hand, the run folder is checked before any work
         note = check_run_folder(cfg, world, overwrite)

@@ -6,6 +6,10 @@ marker is written last, by rank 0, after every rank has written its shard; a sav
 kill or a node failure leaves a folder without it, which is never resumed from and is removed.
 The marker records each file's size and sha256: a checkpoint damaged on disk afterwards (cut
 short, a flipped bit) is found before a resume, named, set aside, and the previous one is used.
+
+Resumed on another world size, a ZeRO-1/2/3 checkpoint is loaded as DeepSpeed's universal checkpoint
+of it, converted once into step-<N>/universal (complete or absent, with its own marker); ZeRO stage
+0 keeps the whole state in one file that any world size loads as it is (`for_world`).
 """
 from __future__ import annotations
 
@@ -13,16 +17,19 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
-from dpo_dist.core.atomic import atomic_write_bytes
+from dpo_dist.core.atomic import atomic_folder, atomic_write_bytes
 from dpo_dist.core.cache import sha256_file
+from dpo_dist.core.errors import UserError
 from dpo_dist.core.removal import UnsafeDeleteError, remove_tree
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier
+from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier, to_universal
 
 COMPLETE = "COMPLETE"
 STOP_FILE = "STOP"  # OUTPUT_DIR/STOP: stop after the current step with a checkpoint (see StopFlag)
 LATEST = "latest"
+UNIVERSAL = "universal"  # step-N/universal: DeepSpeed's universal checkpoint of step-N (any world size)
 
 
 def step_of(path: Path) -> int | None:
@@ -142,7 +149,7 @@ def hashed_by_ranks(ckpt_dir: Path, dist: Dist) -> dict[str, str]:
     if latest is not None:
         folder = ckpt_dir / f"step-{latest}"
         mine = {str(p): sha256_file(p) for p in sorted(folder.rglob("*"))
-                if p.is_file() and rank_of_file(p.name) == dist.rank}
+                if p.is_file() and rank_of_file(p.name) == dist.rank and p.relative_to(folder).parts[0] != UNIVERSAL}
     if dist.world_size == 1:
         return mine
     import torch.distributed as tdist
@@ -196,6 +203,63 @@ def set_aside_damaged(ckpt_dir: Path, hashed: dict[str, str] | None = None) -> l
     elif notes:
         (ckpt_dir / LATEST).unlink(missing_ok=True)
     return notes
+
+
+def saved_world(folder: Path) -> int | None:
+    """The world size that wrote a checkpoint: its trainer_state.json's, else (written before that
+    was recorded) the number of ranks whose ZeRO shard files it holds; None when neither tells
+    (ZeRO stage 0 writes one file, whatever the world size)."""
+    try:
+        world = json.loads((folder / "trainer_state.json").read_text()).get("world_size")
+    except (OSError, ValueError):
+        world = None
+    ranks = {r for p in folder.iterdir() if p.is_file() and (r := rank_of_file(p.name)) is not None}
+    return world or len(ranks) or None
+
+
+def universal(folder: Path, step: int) -> float | None:
+    """DeepSpeed's universal checkpoint of the complete ZeRO-1/2/3 checkpoint `folder`, in
+    folder/universal, converted once: written complete or absent (core.atomic.atomic_folder) with its
+    own marker, so that a later resume on another world size converts nothing. Rank 0. Returns the
+    seconds spent converting; None when an intact earlier conversion is there (a damaged one is
+    removed and converted again)."""
+    target = folder / UNIVERSAL
+    if target.is_dir():
+        if (target / COMPLETE).is_file() and damage(target) is None:
+            return None
+        remove_tree(target, folder)
+    started = time.perf_counter()
+    with atomic_folder(target) as out:
+        to_universal(folder, out)
+        mark_complete(out, step)
+    return time.perf_counter() - started
+
+
+def for_world(ckpt_dir: Path, step: int, world: int, micro: int, accumulation: int, ds_config: dict) -> tuple[bool, str | None]:
+    """Rank 0, before checkpoint step-N is resumed on `world` ranks with this micro batch and
+    accumulation: (load it as a universal checkpoint?, a summary line when the world size changed).
+    ZeRO stage 0 holds the whole state in one file: loaded as it is. ZeRO-1/2/3 shard it by rank:
+    loaded from its universal checkpoint (`universal`), converted here once."""
+    folder = ckpt_dir / f"step-{step}"
+    was = saved_world(folder)
+    zero = ds_config.get("zero_optimization", {})
+    if was is None or was == world:
+        return False, None
+    global_batch = micro * accumulation * world
+    head = (f"resuming step {step} of world {was} on world {world}: accumulation {global_batch // (micro * was)} -> "
+            f"{accumulation} (global batch {global_batch} kept)")
+    if zero.get("stage", 0) == 0:
+        return False, f"{head}, ZeRO stage 0 holds the whole state on every rank: loaded as it is"
+    if zero.get("offload_optimizer", {}).get("device") == "nvme":
+        raise UserError(f"{folder}: written by {was} ranks with the optimizer offloaded to NVMe; DeepSpeed "
+                        f"loads no universal checkpoint with NVMe offload (its load_checkpoint skips the ZeRO state "
+                        f"then), so this run resumes on {was} ranks only")
+    print(f"[dpo-dist] checkpoint step-{step} was written by {was} ranks (ZeRO-{zero['stage']}); converting it "
+          f"with DeepSpeed's ds_to_universal for {world} ranks ...", flush=True)
+    seconds = universal(folder, step)
+    how = (f"checkpoint converted to universal in {seconds:.1f} s" if seconds is not None
+           else "its universal checkpoint (converted before) reused")
+    return True, f"{head}, {how}"
 
 
 def maybe_killed(point: str, step: int, dist: Dist) -> None:

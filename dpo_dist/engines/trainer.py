@@ -4,8 +4,8 @@ injection) and the checkpoint state. Each stage passes what is its own: identity
 
     prep, gone = on_main(dist, lambda: claim_run_folder(out, identity, resume, overwrite, what="SFT", ...))
     hashed = checkpoints.hashed_by_ranks(out / CKPT, dist) if resume else {}
-    latest, notes = on_main(dist, lambda: resume_point(out / CKPT, notes, gone, resume, hashed))
-    built = build_policy(cfg.model, lora, t, model_dir, dist, total, out, resume_step)
+    latest, universal, notes = on_main(dist, lambda: resume_point(out / CKPT, notes, gone, resume, hashed, t, world, adjusted))
+    built = build_policy(cfg.model, lora, t, model_dir, dist, total, out, resume_step, universal)
     metrics, done, stopped = run_loop(Loop(...), stop)
 """
 from __future__ import annotations
@@ -26,11 +26,12 @@ CKPT = "checkpoints"
 
 # ----------------------------------------------------------------------------- the run folder
 
-def claim_run_folder(out: Path, identity: dict, resume: bool, overwrite: bool, *, record: dict, what: str = "",
-                     aside: dict | None = None, hint: str = "output_dir") -> tuple[list[str], list[str]]:
+def claim_run_folder(out: Path, identity: dict, resume: bool, overwrite: bool, *, record: dict, started: dict,
+                     what: str = "", aside: dict | None = None, hint: str = "output_dir") -> tuple[list[str], list[str]]:
     """Rank 0: the folder `out` is this run's (or new), with no stale stop request and no unfinished
     checkpoint. Refuses (IdentityError) a folder of another run, and checkpoints without `resume`;
-    `overwrite` moves an earlier run aside first. Returns (notes, unfinished checkpoints removed)."""
+    `overwrite` moves an earlier run aside first. `started`: the world size and accumulation a new
+    run starts with (identity.write_run). Returns (notes, unfinished checkpoints removed)."""
     from dpo_dist import identity as ident
 
     ckpt_dir = out / CKPT
@@ -45,13 +46,17 @@ def claim_run_folder(out: Path, identity: dict, resume: bool, overwrite: bool, *
     (out / STOP_FILE).unlink(missing_ok=True)  # a stop request was for the job that has ended
     gone = checkpoints.remove_partials(ckpt_dir)
     if not same or ident.read_run(out) != identity:  # new, or allowed to train longer
-        ident.write_run(out, identity, record)
+        ident.write_run(out, identity, record, started)
     return notes, gone
 
 
-def resume_point(ckpt_dir: Path, notes: list[str], gone: list[str], resume: bool,
-                 hashed: dict[str, str]) -> tuple[int | None, list[str]]:
-    """Rank 0: damaged checkpoints set aside (with the ranks' digests); (latest complete step, notes)."""
+def resume_point(ckpt_dir: Path, notes: list[str], gone: list[str], resume: bool, hashed: dict[str, str],
+                 t, world: int, adjusted: str | None = None) -> tuple[int | None, bool, list[str]]:
+    """Rank 0: damaged checkpoints set aside (with the ranks' digests); (latest complete step, load it
+    as a universal checkpoint?, notes). A checkpoint of another world size is prepared for this one
+    (checkpoints.for_world: DeepSpeed's universal checkpoint, converted once) with the TrainConfig `t`
+    as this world runs it (identity.for_world: the accumulation that keeps the run's global batch, and
+    `adjusted`, its note, said unless the summary of the world change says it)."""
     notes = list(notes)
     if resume:
         notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
@@ -59,7 +64,12 @@ def resume_point(ckpt_dir: Path, notes: list[str], gone: list[str], resume: bool
     if gone:
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "
                      + (f"step-{latest}" if latest is not None else "the start"))
-    return latest, notes
+    universal, summary = False, None
+    if resume and latest is not None:
+        universal, summary = checkpoints.for_world(ckpt_dir, latest, world, t.micro_batch_size, t.gradient_accumulation_steps,
+                                                   load_ds_json(t.deepspeed_config))
+    notes += [summary or adjusted] if summary or adjusted else []
+    return latest, universal, notes
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -75,9 +85,10 @@ class Built:
 
 
 def build_policy(model_cfg, lora, t, model_dir: Path, dist: Dist, total_steps: int, out: Path,
-                 resume_step: int | None) -> Built:
+                 resume_step: int | None, universal: bool = False) -> Built:
     """The policy under the DeepSpeed engine of `t` (its JSON filled for this world), the resume
-    checkpoint loaded (weights, optimizer, scheduler, RNG), and the TensorBoard writer."""
+    checkpoint loaded (weights, optimizer, scheduler, RNG; with `universal`, from its universal
+    checkpoint, which DeepSpeed reshards for this world), and the TensorBoard writer."""
     import torch
 
     from dpo_dist.engines.policy import load_policy, usable_layout_noted
@@ -87,12 +98,15 @@ def build_policy(model_cfg, lora, t, model_dir: Path, dist: Dist, total_steps: i
     model_cfg.layout = usable_layout_noted(model_config, model_cfg.layout, dist.is_main)
     ds_config = fill_ds_config(load_ds_json(t.deepspeed_config), t, dist.world_size, getattr(model_config, "hidden_size", 1024),
                                has_gpu=dist.device != "cpu", source=t.deepspeed_config)
+    if universal:  # a load setting, not a training one: the run's DeepSpeed JSON is unchanged
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     torch.manual_seed(t.seed)
     model, keep = load_policy(model_cfg, lora, model_dir, ds_config)
     engine = build_engine(model, ds_config, t, total_steps)
     start = 0
     if resume_step:
-        state = engine.load(out / CKPT, f"step-{resume_step}")
+        folder = out / CKPT / f"step-{resume_step}"
+        state = engine.load(folder, checkpoints.UNIVERSAL) if universal else engine.load(folder.parent, folder.name)
         start = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
     writer = make_writer_for(out, dist, start)
@@ -116,7 +130,7 @@ def save(engine: Engine, out: Path, step: int, plan: BatchPlan, dist: Dist, keep
     import torch
 
     state = {"step": step, "samples_consumed": step * plan.global_batch, "epoch": step // plan.steps_per_epoch,
-             "step_in_epoch": step % plan.steps_per_epoch, "torch_rng": torch.get_rng_state()}
+             "step_in_epoch": step % plan.steps_per_epoch, "world_size": dist.world_size, "torch_rng": torch.get_rng_state()}
     checkpoints.save(engine, out / CKPT, step, state, dist, keep_last)
 
 

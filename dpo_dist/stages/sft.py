@@ -39,13 +39,17 @@ class SFTPrepared:
     identity: dict
     resume_step: int | None
     finished: bool
+    accumulation: int  # sft.gradient_accumulation_steps on this world (identity.for_world)
+    adjusted: str | None = None  # how for_world changed it, if it did
+    universal: bool = False  # resume_step is loaded from its universal checkpoint (another world size)
     notes: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- prepare
 
 def sft_identity_of(cfg: Config, world_size: int) -> tuple[dict, Path, Path]:
-    """(identity, base model dir, tokenizer dir) of the SFT run `cfg` asks for."""
+    """(identity, base model dir, tokenizer dir) of the SFT run `cfg` asks for on `world_size` processes
+    (`cfg` with the accumulation of that world: identity.for_world)."""
     from dpo_dist import identity as ident
     from dpo_dist.models import load_tokenizer, resolve_model_dir
 
@@ -64,6 +68,7 @@ def sft_complete(cfg: Config, world_size: int) -> bool:
     from dpo_dist import identity as ident
 
     out = cfg.sft_dir()
+    cfg, _ = ident.for_world(cfg, world_size, "sft")  # a run there started on another world keeps its global batch
     identity, _, _ = sft_identity_of(cfg, world_size)  # every input checked here, before torchrun starts
     if not ident.has_run(out):
         return False
@@ -84,19 +89,27 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
     """Rank 0's checks; returns what is decided and the unfinished checkpoints removed."""
     from dpo_dist import identity as ident
 
+    cfg, adjusted = ident.for_world(cfg, world_size, "sft", overwrite=overwrite)
     identity, base_dir, tokenizer_dir = sft_identity_of(cfg, world_size)
+    accum = cfg.sft.gradient_accumulation_steps
     notes, gone = trainer.claim_run_folder(cfg.sft_dir(), identity, resume, overwrite, what="SFT ", hint="sft.output_dir",
                                            record={"base": cfg.model.name_or_path, "data.train": cfg.data.train,
-                                                   "created": ident.now()})
-    return SFTPrepared(base_dir, tokenizer_dir, identity, None, False, notes), gone
+                                                   "created": ident.now()},
+                                           started={"world_size": world_size, "gradient_accumulation_steps": accum})
+    return SFTPrepared(base_dir, tokenizer_dir, identity, None, False, accum, adjusted, notes=notes), gone
 
 
-def _resume_point_main(cfg: Config, prep: SFTPrepared, gone: list[str], resume: bool, hashed: dict[str, str]) -> SFTPrepared:
-    """Rank 0: the step to resume at (damaged checkpoints set aside), and whether SFT is already complete."""
-    latest, notes = trainer.resume_point(cfg.sft_dir() / CKPT, prep.notes, gone, resume, hashed)
+def _resume_point_main(cfg: Config, world_size: int, prep: SFTPrepared, gone: list[str], resume: bool,
+                       hashed: dict[str, str]) -> SFTPrepared:
+    """Rank 0: the step to resume at (damaged checkpoints set aside; one of another world size made
+    loadable here), and whether SFT is already complete."""
+    t = replace(cfg.sft_train(), gradient_accumulation_steps=prep.accumulation)
+    latest, universal, notes = trainer.resume_point(cfg.sft_dir() / CKPT, prep.notes, gone, resume, hashed, t, world_size,
+                                                    prep.adjusted)
     latest = latest if resume else None
     steps = prep.identity["sft.steps"]
-    return replace(prep, resume_step=latest, finished=resume and latest == steps and ended_at(cfg, steps), notes=notes)
+    return replace(prep, resume_step=latest, finished=resume and latest == steps and ended_at(cfg, steps), universal=universal,
+                   notes=notes)
 
 
 # ----------------------------------------------------------------------------- data
@@ -156,7 +169,8 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     prep, gone = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
     # Only once the run folder is accepted: every rank hashes its files of the newest checkpoint
     hashed = checkpoints.hashed_by_ranks(cfg.sft_dir() / CKPT, dist) if resume else {}
-    prep = on_main(dist, lambda: _resume_point_main(cfg, prep, gone, resume, hashed))
+    prep = on_main(dist, lambda: _resume_point_main(cfg, dist.world_size, prep, gone, resume, hashed))
+    cfg = replace(cfg, sft=replace(cfg.sft, gradient_accumulation_steps=prep.accumulation))
     out = cfg.sft_dir()
     if prep.finished:
         if dist.is_main:
@@ -173,7 +187,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         if plan.steps_per_epoch == 0:
             raise UserError(f"{len(data['train'])} SFT sequences do not fill one global batch of {plan.global_batch}")
         total = prep.identity["sft.steps"]
-        built = trainer.build_policy(cfg.model, cfg.sft.lora, t, prep.base_dir, dist, total, out, prep.resume_step)
+        built = trainer.build_policy(cfg.model, cfg.sft.lora, t, prep.base_dir, dist, total, out, prep.resume_step, prep.universal)
         engine, start, writer = built.engine, built.start_step, built.writer
         if dist.is_main:
             for note in prep.notes:

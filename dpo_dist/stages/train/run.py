@@ -48,6 +48,9 @@ class Prepared:
     policy_is_reference: bool  # same weights: the step-0 identity must hold
     resume_step: int | None  # latest complete checkpoint, when resuming
     finished: bool  # the run is complete (metrics, export): nothing to do
+    accumulation: int  # train.gradient_accumulation_steps on this world (identity.for_world)
+    adjusted: str | None = None  # how for_world changed the accumulation, if it did
+    universal: bool = False  # resume_step is loaded from its universal checkpoint (another world size)
     notes: list[str] = field(default_factory=list)  # printed by rank 0
 
 
@@ -62,7 +65,7 @@ def prepare(cfg: Config, dist: Dist, resume: bool, overwrite: bool) -> Prepared:
     prepared, gone = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
     # Only once the run folder is accepted: every rank hashes its files of the newest checkpoint
     hashed = checkpoints.hashed_by_ranks(Path(cfg.output_dir) / CKPT, dist) if resume else {}
-    return on_main(dist, lambda: _resume_point_main(cfg, prepared, gone, resume, hashed))
+    return on_main(dist, lambda: _resume_point_main(cfg, dist.world_size, prepared, gone, resume, hashed))
 
 
 def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> tuple[Prepared, list[str]]:
@@ -70,28 +73,35 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
     from dpo_dist import identity as ident
     from dpo_dist.models import resolve_model_dir
 
+    cfg, adjusted = ident.for_world(cfg, world_size, overwrite=overwrite)
     spec = ident.training_cache(cfg)
     cache_mod.open_cache(cfg.resolved_cache_dir(), spec.identity)
     policy_dir = resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code)
     policy_weights = ident.model_identity(policy_dir)
+    accum = cfg.train.gradient_accumulation_steps
     run_id = ident.run_identity(cfg, spec.identity, policy_weights, world_size, load_ds_json(cfg.train.deepspeed_config))
     notes, gone = trainer.claim_run_folder(Path(cfg.output_dir), run_id, resume, overwrite,
                                            record={"policy": cfg.policy_model(), **spec.names},
+                                           started={"world_size": world_size, "gradient_accumulation_steps": accum},
                                            aside={"keep": [cfg.resolved_cache_dir()], "extra": [cfg.export_dir()]})
     return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
-                    None, False, notes), gone
+                    None, False, accum, adjusted, notes=notes), gone
 
 
-def _resume_point_main(cfg: Config, prepared: Prepared, gone: list[str], resume: bool, hashed: dict[str, str]) -> Prepared:
-    """Rank 0: the step to resume at (damaged checkpoints set aside), and whether the run is already complete."""
+def _resume_point_main(cfg: Config, world_size: int, prepared: Prepared, gone: list[str], resume: bool,
+                       hashed: dict[str, str]) -> Prepared:
+    """Rank 0: the step to resume at (damaged checkpoints set aside; one of another world size made
+    loadable here), and whether the run is already complete."""
     out_dir = Path(cfg.output_dir)
-    latest, notes = trainer.resume_point(out_dir / CKPT, prepared.notes, gone, resume, hashed)
+    t = replace(cfg.train, gradient_accumulation_steps=prepared.accumulation)
+    latest, universal, notes = trainer.resume_point(out_dir / CKPT, prepared.notes, gone, resume, hashed, t, world_size,
+                                                    prepared.adjusted)
     final = out_dir / "final_metrics.json"
     finished = (resume and latest == prepared.identity["train.steps"] and final.exists()
                 and (not cfg.export.enabled or cfg.export_dir().exists()))
     if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
         final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
-    return replace(prepared, resume_step=latest if resume else None, finished=finished, notes=notes)
+    return replace(prepared, resume_step=latest if resume else None, finished=finished, universal=universal, notes=notes)
 
 
 # ----------------------------------------------------------------------------- samples
@@ -167,7 +177,7 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
                         f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
     total_steps = prepared.identity["train.steps"]
     built = trainer.build_policy(cfg.model, cfg.model.lora, t, prepared.policy_dir, dist, total_steps, Path(cfg.output_dir),
-                                 prepared.resume_step)
+                                 prepared.resume_step, prepared.universal)
     n_params, n_trainable = param_counts(built.model)
     return Run(cfg, dist, prepared, built.engine, tokenizer, pad_token_id(tokenizer), train_split, eval_split, plan,
                total_steps, built.start_step, built.writer, n_params, n_trainable, built.policy_dtype)
@@ -287,6 +297,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     """Prepare (all checks), build, run the steps, finish. Rerun with resume=True after a crash or a signal."""
     dist = compute_init(cfg.train.collective_timeout_s)
     prepared = prepare(cfg, dist, resume, overwrite)  # removes a stale STOP file
+    cfg = replace(cfg, train=replace(cfg.train, gradient_accumulation_steps=prepared.accumulation))
     if prepared.finished:
         if dist.is_main:
             print(f"[dpo-dist] training already complete ({prepared.identity['train.steps']} steps, "
