@@ -88,7 +88,7 @@ class LossConfig:
 class TrainConfig:
     deepspeed_config: str = opt("ds_configs/zero3_bf16.json", "DeepSpeed JSON; only its \"auto\" fields are filled from here. A `ds_configs/NAME` missing from the working folder is the one shipped with dpo-dist.")
     micro_batch_size: int = opt(2, "Pairs per rank per forward.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step; a run resumed on another world size adjusts it to keep its global batch (README).")
     global_batch_size: Optional[int] = opt(None, "If set, asserted equal to micro x accumulation x world size.")
     lr: float = opt(5e-7, "Peak learning rate (AdamW).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
@@ -125,7 +125,7 @@ class SFTConfig:
     epochs: int = opt(1, "Passes over the training pairs' chosen responses (ignored when max_steps > 0).")
     max_steps: int = opt(0, "Stop SFT after this many optimizer steps (0: use epochs).")
     micro_batch_size: int = opt(4, "Sequences per rank per forward.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step; a run resumed on another world size adjusts it to keep its global batch (README).")
     warmup_steps: int = opt(0, "Linear warmup steps.")
     lr_scheduler: str = opt("linear", "Decay after warmup: linear, cosine, constant.")
     lora: LoraConfig = field(default_factory=LoraConfig)

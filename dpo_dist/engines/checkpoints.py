@@ -213,21 +213,24 @@ def saved_world(folder: Path) -> int | None:
         world = json.loads((folder / "trainer_state.json").read_text()).get("world_size")
     except (OSError, ValueError):
         world = None
-    ranks = {r for p in folder.iterdir() if p.is_file() and (r := rank_of_file(p.name)) is not None}
+    ranks = {r for p in folder.rglob("*") if p.is_file() and (r := rank_of_file(p.name)) is not None
+             and p.relative_to(folder).parts[0] != UNIVERSAL}
     return world or len(ranks) or None
 
 
-def universal(folder: Path, step: int) -> float | None:
+def universal(folder: Path, step: int, announce: str = "") -> float | None:
     """DeepSpeed's universal checkpoint of the complete ZeRO-1/2/3 checkpoint `folder`, in
     folder/universal, converted once: written complete or absent (core.atomic.atomic_folder) with its
     own marker, so that a later resume on another world size converts nothing. Rank 0. Returns the
     seconds spent converting; None when an intact earlier conversion is there (a damaged one is
-    removed and converted again)."""
+    removed and converted again). `announce` is printed before a conversion starts."""
     target = folder / UNIVERSAL
     if target.is_dir():
         if (target / COMPLETE).is_file() and damage(target) is None:
             return None
         remove_tree(target, folder)
+    if announce:
+        print(announce, flush=True)
     started = time.perf_counter()
     with atomic_folder(target) as out:
         to_universal(folder, out)
@@ -254,9 +257,8 @@ def for_world(ckpt_dir: Path, step: int, world: int, micro: int, accumulation: i
         raise UserError(f"{folder}: written by {was} ranks with the optimizer offloaded to NVMe; DeepSpeed "
                         f"loads no universal checkpoint with NVMe offload (its load_checkpoint skips the ZeRO state "
                         f"then), so this run resumes on {was} ranks only")
-    print(f"[dpo-dist] checkpoint step-{step} was written by {was} ranks (ZeRO-{zero['stage']}); converting it "
-          f"with DeepSpeed's ds_to_universal for {world} ranks ...", flush=True)
-    seconds = universal(folder, step)
+    seconds = universal(folder, step, f"[dpo-dist] checkpoint step-{step} was written by {was} ranks (ZeRO-{zero['stage']}); "
+                                      f"converting it with DeepSpeed's ds_to_universal for {world} ranks ...")
     how = (f"checkpoint converted to universal in {seconds:.1f} s" if seconds is not None
            else "its universal checkpoint (converted before) reused")
     return True, f"{head}, {how}"

@@ -51,12 +51,14 @@ def claim_run_folder(out: Path, identity: dict, resume: bool, overwrite: bool, *
 
 
 def resume_point(ckpt_dir: Path, notes: list[str], gone: list[str], resume: bool, hashed: dict[str, str],
-                 t, world: int, adjusted: str | None = None) -> tuple[int | None, bool, list[str]]:
+                 t, world: int, adjusted: str | None = None,
+                 finished: Callable[[int | None], bool] = lambda latest: False) -> tuple[int | None, bool, list[str]]:
     """Rank 0: damaged checkpoints set aside (with the ranks' digests); (latest complete step, load it
-    as a universal checkpoint?, notes). A checkpoint of another world size is prepared for this one
-    (checkpoints.for_world: DeepSpeed's universal checkpoint, converted once) with the TrainConfig `t`
-    as this world runs it (identity.for_world: the accumulation that keeps the run's global batch, and
-    `adjusted`, its note, said unless the summary of the world change says it)."""
+    as a universal checkpoint?, notes). Unless the run is `finished` at that step, a checkpoint of
+    another world size is prepared for this one (checkpoints.for_world: DeepSpeed's universal
+    checkpoint, converted once) with the TrainConfig `t` as this world runs it (identity.for_world:
+    the accumulation that keeps the run's global batch, and `adjusted`, its note, said unless the
+    summary of the world change says it)."""
     notes = list(notes)
     if resume:
         notes += checkpoints.set_aside_damaged(ckpt_dir, hashed)
@@ -65,7 +67,7 @@ def resume_point(ckpt_dir: Path, notes: list[str], gone: list[str], resume: bool
         notes.append(f"removed unfinished checkpoint(s) {', '.join(gone)} (a save cut short); resuming from "
                      + (f"step-{latest}" if latest is not None else "the start"))
     universal, summary = False, None
-    if resume and latest is not None:
+    if resume and latest is not None and not finished(latest):
         universal, summary = checkpoints.for_world(ckpt_dir, latest, world, t.micro_batch_size, t.gradient_accumulation_steps,
                                                    load_ds_json(t.deepspeed_config))
     notes += [summary or adjusted] if summary or adjusted else []

@@ -103,13 +103,15 @@ def _resume_point_main(cfg: Config, world_size: int, prep: SFTPrepared, gone: li
                        hashed: dict[str, str]) -> SFTPrepared:
     """Rank 0: the step to resume at (damaged checkpoints set aside; one of another world size made
     loadable here), and whether SFT is already complete."""
-    t = replace(cfg.sft_train(), gradient_accumulation_steps=prep.accumulation)
+    t, steps = replace(cfg.sft_train(), gradient_accumulation_steps=prep.accumulation), prep.identity["sft.steps"]
+
+    def ended(latest: int | None) -> bool:
+        return resume and latest == steps and ended_at(cfg, steps)
+
     latest, universal, notes = trainer.resume_point(cfg.sft_dir() / CKPT, prep.notes, gone, resume, hashed, t, world_size,
-                                                    prep.adjusted)
+                                                    prep.adjusted, ended)
     latest = latest if resume else None
-    steps = prep.identity["sft.steps"]
-    return replace(prep, resume_step=latest, finished=resume and latest == steps and ended_at(cfg, steps), universal=universal,
-                   notes=notes)
+    return replace(prep, resume_step=latest, finished=ended(latest), universal=universal, notes=notes)
 
 
 # ----------------------------------------------------------------------------- data

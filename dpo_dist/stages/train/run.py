@@ -93,12 +93,16 @@ def _resume_point_main(cfg: Config, world_size: int, prepared: Prepared, gone: l
     """Rank 0: the step to resume at (damaged checkpoints set aside; one of another world size made
     loadable here), and whether the run is already complete."""
     out_dir = Path(cfg.output_dir)
-    t = replace(cfg.train, gradient_accumulation_steps=prepared.accumulation)
-    latest, universal, notes = trainer.resume_point(out_dir / CKPT, prepared.notes, gone, resume, hashed, t, world_size,
-                                                    prepared.adjusted)
     final = out_dir / "final_metrics.json"
-    finished = (resume and latest == prepared.identity["train.steps"] and final.exists()
+    t = replace(cfg.train, gradient_accumulation_steps=prepared.accumulation)
+
+    def ended(latest: int | None) -> bool:
+        return (resume and latest == prepared.identity["train.steps"] and final.exists()
                 and (not cfg.export.enabled or cfg.export_dir().exists()))
+
+    latest, universal, notes = trainer.resume_point(out_dir / CKPT, prepared.notes, gone, resume, hashed, t, world_size,
+                                                    prepared.adjusted, ended)
+    finished = ended(latest)
     if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
         final.rename(final.with_name(f"final_metrics.step-{latest}.json"))
     return replace(prepared, resume_step=latest if resume else None, finished=finished, universal=universal, notes=notes)

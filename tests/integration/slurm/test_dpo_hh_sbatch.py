@@ -1,8 +1,8 @@
 """slurm/dpo_hh.sbatch for real on the local 2-node Slurm cluster: Ray head on n1 and a Ray worker
 on n2 (token authentication on) score the reference with `ray job submit`, stop cleanly, then
 srun + torchrun train over both nodes, export; a second submission of the same job skips scoring
-and resumes; USR1 stops training at a step through OUTPUT_DIR/STOP and requeues; STAGES=train with
-an OVERRIDES_FILE.
+and resumes; USR1 stops training at a step through OUTPUT_DIR/STOP and requeues, and the job
+requeued onto 1 node resumes there (elastic resume); STAGES=train with an OVERRIDES_FILE.
 
 Tiny llama, synthetic pairs, CPU, 1 CPU and 1 training process per node.
 """
@@ -120,10 +120,15 @@ def test_second_submission_skips_scoring_and_resumes(first_job, slurm_cluster, w
     assert final["world_size"] == 2 and final["steps"] == MAX_STEPS
 
 
-def test_time_limit_signal_stops_training_at_a_step_and_the_requeued_job_resumes_there(first_job, slurm_cluster, work):
-    """--signal=B:USR1@300 arrives (sent by hand here) mid-training: the script writes OUTPUT_DIR/STOP,
-    both nodes' ranks finish their step and save checkpoint step-N, the script requeues the job, and
-    the rerun skips scoring and resumes at step N. No checkpoint but that one (save_steps is large)."""
+def test_time_limit_signal_stops_training_at_a_step_and_the_job_requeued_on_one_node_resumes_there(
+        first_job, slurm_cluster, work):
+    """--signal=B:USR1@300 arrives (sent by hand here) mid-training of a 2-node job: the script writes
+    OUTPUT_DIR/STOP, both nodes' ranks finish their step and save checkpoint step-N, and the script
+    requeues the job, which waits to run again on 1 node (as a job of `--nodes=1-2` whose second node
+    is gone; here `scontrol update NumNodes=1 NumTasks=1` while it waits). The rerun skips scoring
+    and resumes at step N on world 1, accumulation 2 -> 4 keeping the run's global batch of 16
+    (micro 4), from DeepSpeed's universal checkpoint of step-N, and finishes. No checkpoint but that
+    one (save_steps is large)."""
     c = slurm_cluster
     out = work / "requeue.out"
     max_steps = 30
@@ -136,19 +141,26 @@ def test_time_limit_signal_stops_training_at_a_step_and_the_requeued_job_resumes
         time.sleep(0.5)
     time.sleep(2)
     c.run("scancel", "--batch", "--signal=USR1", job)
+    while not (c.state(job) == "PENDING" and c.job_info(job).get("Restarts") == "1"):  # requeued by the script
+        assert time.monotonic() < deadline + 120, (c.job_info(job), out.read_text(errors="replace"))
+        time.sleep(0.2)
+    # one task per node: the task count goes with the node count
+    c.run("scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1")
     info = c.wait(job, timeout=420)
     text = out.read_text(errors="replace")
     print(f"requeue: job {job} submit -> finished in {time.monotonic() - t0:.1f}s")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
-    assert info["Restarts"] == "1", info
+    assert info["Restarts"] == "1" and info["NumNodes"] == "1", info
     assert "USR1 (time limit near) during train" in text and f"requeueing job {job}" in text, text
     stopped = re.search(r"STOP received: stopped after step (\d+) and saved checkpoint step-(\d+)", text)
     assert stopped and stopped[1] == stopped[2] and 0 < int(stopped[1]) < max_steps, text
-    assert f"job {job} (restart 1)" in text and text.count("scoring skipped") == 2, text
-    assert f"resuming at step {stopped[1]}" in text, text
+    assert f"job {job} (restart 1) on 1 node(s)" in text and text.count("scoring skipped") == 2, text
+    assert (f"resuming step {stopped[1]} of world 2 on world 1: accumulation 2 -> 4 (global batch 16 kept), checkpoint "
+            "converted to universal in") in text, text
+    assert f"resuming at step {stopped[1]}" in text and "world 1 (cpu)" in text, text
     assert "srun: error" not in text, text
     final = json.loads((work / "run_rq" / "final_metrics.json").read_text())
-    assert final["world_size"] == 2 and final["steps"] == max_steps, final
+    assert final["world_size"] == 1 and final["steps"] == max_steps, final
     assert not (work / "run_rq" / "STOP").exists()
 
 
