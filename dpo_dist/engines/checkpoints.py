@@ -20,7 +20,7 @@ import signal
 import time
 from pathlib import Path
 
-from dpo_dist.core.atomic import atomic_folder, atomic_write_bytes
+from dpo_dist.core.atomic import atomic_folder, atomic_write_bytes, disk_full
 from dpo_dist.core.cache import sha256_file
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.removal import UnsafeDeleteError, remove_tree
@@ -218,12 +218,13 @@ def saved_world(folder: Path) -> int | None:
     return world or len(ranks) or None
 
 
-def universal(folder: Path, step: int, announce: str = "") -> float | None:
-    """DeepSpeed's universal checkpoint of the complete ZeRO-1/2/3 checkpoint `folder`, in
-    folder/universal, converted once: written complete or absent (core.atomic.atomic_folder) with its
-    own marker, so that a later resume on another world size converts nothing. Rank 0. Returns the
-    seconds spent converting; None when an intact earlier conversion is there (a damaged one is
-    removed and converted again). `announce` is printed before a conversion starts."""
+def universal(folder: Path, step: int, was: int, announce: str = "") -> float | None:
+    """DeepSpeed's universal checkpoint of the complete ZeRO-1/2/3 checkpoint `folder` (written by
+    `was` ranks), in folder/universal, converted once: written complete or absent
+    (core.atomic.atomic_folder) with its own marker, so that a later resume on another world size
+    converts nothing. Rank 0. Returns the seconds spent converting; None when an intact earlier
+    conversion is there (a damaged one is removed and converted again). `announce` is printed before
+    a conversion starts; a conversion that fails is one line (the checkpoint itself is untouched)."""
     target = folder / UNIVERSAL
     if target.is_dir():
         if (target / COMPLETE).is_file() and damage(target) is None:
@@ -233,7 +234,15 @@ def universal(folder: Path, step: int, announce: str = "") -> float | None:
         print(announce, flush=True)
     started = time.perf_counter()
     with atomic_folder(target) as out:
-        to_universal(folder, out)
+        try:
+            to_universal(folder, out)
+        except Exception as e:  # noqa: BLE001  (said in one line; DPO_DIST_DEBUG=1 shows the traceback)
+            full = disk_full(e, out)  # before the partial conversion, which holds the space, is removed
+            said = (str(e).strip().splitlines() or [""])[0]
+            why = f"{full} (about the size of the optimizer state is needed)" if full else f"{type(e).__name__}: {said}"
+            raise UserError(f"{target}: converting checkpoint step-{step} to a universal checkpoint failed: {why}; the "
+                            f"partial conversion was removed and step-{step} is intact: fix that and rerun, or resume "
+                            f"on {was} ranks, which needs no conversion") from e
         mark_complete(out, step)
     return time.perf_counter() - started
 
@@ -257,7 +266,7 @@ def for_world(ckpt_dir: Path, step: int, world: int, micro: int, accumulation: i
         raise UserError(f"{folder}: written by {was} ranks with the optimizer offloaded to NVMe; DeepSpeed "
                         f"loads no universal checkpoint with NVMe offload (its load_checkpoint skips the ZeRO state "
                         f"then), so this run resumes on {was} ranks only")
-    seconds = universal(folder, step, f"[dpo-dist] checkpoint step-{step} was written by {was} ranks (ZeRO-{zero['stage']}); "
+    seconds = universal(folder, step, was, f"[dpo-dist] checkpoint step-{step} was written by {was} ranks (ZeRO-{zero['stage']}); "
                                       f"converting it with DeepSpeed's ds_to_universal for {world} ranks ...")
     how = (f"checkpoint converted to universal in {seconds:.1f} s" if seconds is not None
            else "its universal checkpoint (converted before) reused")

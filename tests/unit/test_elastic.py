@@ -153,3 +153,20 @@ def test_a_folder_is_written_complete_or_not_at_all(tmp_path):
         (out / "zero" / "fp32.pt").write_bytes(b"weights")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "step-4", "step-4/universal", "step-4/universal/zero", "step-4/universal/zero/fp32.pt"]
+
+
+def test_a_conversion_that_fails_is_one_line_and_leaves_the_checkpoint_as_it_was(tmp_path, capsys):
+    """DeepSpeed's converter on a folder it cannot read (shard files of no real checkpoint): one line
+    naming the step and what to do; no universal folder, no staging folder, the files unchanged."""
+    folder = fake_checkpoint(tmp_path, 4)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(UserError) as e:
+        checkpoints.for_world(tmp_path, 4, 1, 4, 4, {"zero_optimization": {"stage": 3}})
+    said = str(e.value)
+    assert "\n" not in said and said.startswith(f"{folder / 'universal'}: converting checkpoint step-4 to a universal "
+                                                 "checkpoint failed: ") and said.endswith(
+        "the partial conversion was removed and step-4 is intact: fix that and rerun, or resume on 2 ranks, which needs "
+        "no conversion"), said
+    assert "converting it with DeepSpeed's ds_to_universal for 1 ranks" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in folder.iterdir()) == ["COMPLETE", "global_step", "trainer_state.json"]
