@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 
 from dpo_dist.core.atomic import atomic_write_bytes
-from dpo_dist.core.cache import sha256_file
+from dpo_dist.core.hashing import sha256_file
 from dpo_dist.core.removal import UnsafeDeleteError, remove_tree
 from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier
 

@@ -490,7 +490,7 @@ def test_a_corrupted_shard_is_named_refused_and_rescored_alone(baseline, tiny_mo
     scoring rescores that shard alone, back to the clean run's bytes."""
     cache = tmp_path / "cache"
     shutil.copytree(baseline, cache)
-    shard = cache / "train" / "shard-00003.arrow"
+    shard = cache / "train" / load_manifest(cache).splits["train"]["shards"]["3"]["name"]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

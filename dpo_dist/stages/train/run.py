@@ -49,6 +49,7 @@ class Prepared:
     resume_step: int | None  # latest complete checkpoint, when resuming
     finished: bool  # the run is complete (metrics, export): nothing to do
     notes: list[str] = field(default_factory=list)  # printed by rank 0
+    cache_identity: dict = field(default_factory=dict)  # the cache view this run trains on
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -79,7 +80,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
                                            record={"policy": cfg.policy_model(), **spec.names},
                                            aside={"keep": [cfg.resolved_cache_dir()], "extra": [cfg.export_dir()]})
     return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
-                    None, False, notes), gone
+                    None, False, notes, spec.identity), gone
 
 
 def _resume_point_main(cfg: Config, prepared: Prepared, gone: list[str], resume: bool, hashed: dict[str, str]) -> Prepared:
@@ -157,7 +158,7 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
     from dpo_dist.models import load_tokenizer
 
     tokenizer = load_tokenizer(prepared.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
-    manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
+    manifest = cache_mod.find_manifest(cfg.resolved_cache_dir(), prepared.cache_identity)
     train_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "train", manifest)
     eval_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "eval", manifest)
     t = cfg.train
