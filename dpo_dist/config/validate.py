@@ -18,7 +18,7 @@ class _Origins:
     def of(self, dotted: str) -> str:
         for key, item in self.overrides.items():
             if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
-                return f"override {item}"
+                return f"override {key}={_shown(item.split('=', 1)[1])}"
         return self.path or "config"
 
 
@@ -55,6 +55,9 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
          "train.step0_tolerance must be > 0 (or null for the bound of the dtypes in play)"),
         ("score.shard_size", cfg.score.shard_size > 0, "score.shard_size must be > 0"),
         ("score.token_budget", cfg.score.token_budget > 0, "score.token_budget must be > 0"),
+        ("cache_dir", _shown(cfg.cache_dir) == cfg.cache_dir,
+         f"cache_dir={_shown(cfg.cache_dir)}: credentials in the URL are not read (they would reach logs and run.json); "
+         "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"),
         ("cache_dir", not cfg.cache_dir or "://" not in cfg.cache_dir or _object_url(cfg.cache_dir),
          f"cache_dir must be a folder or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX URL; got {_shown(cfg.cache_dir)!r}"),
         ("score.reuse_from", isinstance(cfg.score.reuse_from, list) and all(

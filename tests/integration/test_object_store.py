@@ -92,16 +92,18 @@ def test_scoring_into_s3_writes_the_folder_bytes_and_only_listed_objects(s3, sco
 
 
 def test_training_reads_the_s3_cache_and_no_credential_is_written(s3, scored, tiny_model, synthetic_path, tmp_path):
-    """`dpo-dist train` on 1 rank from the S3 cache: the shards arrive once in DPO_DIST_FETCH_DIR, and
-    neither key appears in anything the run wrote (logs, run.json, TensorBoard, the store)."""
+    """`dpo-dist run` (score, then train on 1 rank) on the S3 cache: scoring is skipped (the cache is
+    ready), the shards arrive once in DPO_DIST_FETCH_DIR, and neither key appears in anything the run
+    wrote (logs, run.json, TensorBoard, the store)."""
     url, _ = scored
     out = tmp_path / "run"
     fetched = tmp_path / "fetched"
-    proc = subprocess.run([*DPO, "train", *_overrides(
+    proc = subprocess.run([*DPO, "run", *_overrides(
         tiny_model, synthetic_path, url, out, "train.max_steps=2", "train.micro_batch_size=2", "train.num_procs=1",
         "train.sample_prompts=0", "export.enabled=false")],
         capture_output=True, text=True, timeout=300, env=offline_env(DPO_DIST_FETCH_DIR=str(fetched)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"reference cache {url} is complete and matches: scoring skipped" in proc.stdout, proc.stdout[-3000:]
     manifest = load_manifest(url)
     want = {e["sha256"] for s in ("train", "eval") for e in manifest.shard_entries(s)}
     assert {p.stem for p in fetched.glob("*.arrow")} == want
