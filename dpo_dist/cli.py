@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="inspect a reference cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     info = cache_sub.add_parser("info", help="print the manifest summary; --verify checks every shard")
-    info.add_argument("dir", help="cache directory (holds manifest.json)")
+    info.add_argument("dir", help="cache directory (holds manifest.json), or its s3:// / gs:// URL")
     info.add_argument("--verify", action="store_true", help="check every shard's checksum and row count")
     info.set_defaults(run=_cache_info)
     ready = cache_sub.add_parser("ready", help="exit 0 when the cache of CONFIG is complete, intact and matches it (no Ray)")
@@ -191,7 +191,8 @@ def _score(args) -> int:
     cfg = _load(args)
     result = run_scoring(cfg)
     print(f"cache: {result.cache_dir}  scored {result.scored_shards} shards, skipped {result.skipped_shards} "
-          f"(already complete), {result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tok/s)")
+          f"(already complete), {result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tok/s); "
+          f"{result.scored_pairs:,} pairs scored, {result.reused_pairs:,} reused")
     for split, report in result.reports.items():
         print(f"{split}: {report}")
     return 0
@@ -270,7 +271,7 @@ def _cache_info(args) -> int:
 
     print(info_text(args.dir))
     if args.verify:
-        problems = verify(args.dir)
+        problems = verify(args.dir, fresh=True)
         for p in problems:
             print(f"problem: {p}")
         print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")

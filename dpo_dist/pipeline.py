@@ -19,11 +19,10 @@ def cache_ready(cfg: Config) -> bool:
     """True when the cache is complete, intact and was built for exactly this config (no Ray needed)."""
     from dpo_dist.identity import training_cache
 
-    manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
-    if manifest is None or not all(manifest.is_complete(s) for s in cache_mod.SPLITS):
+    if cache_mod.load_manifest(cfg.resolved_cache_dir()) is None:
         return False
-    spec = training_cache(cfg)
-    return not cache_mod.identity_diff(manifest, spec.identity) and not cache_mod.verify(cfg.resolved_cache_dir())
+    manifest = cache_mod.find_manifest(cfg.resolved_cache_dir(), training_cache(cfg).identity)
+    return manifest is not None and manifest.complete() and not cache_mod.verify(cfg.resolved_cache_dir(), manifest=manifest)
 
 
 def check_run_folder(cfg: Config, world_size: int, overwrite: bool, check_cache: bool = False) -> str | None:

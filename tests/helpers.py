@@ -146,3 +146,67 @@ def flip(path: Path, at: int) -> None:
     data = bytearray(path.read_bytes())
     data[at] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+class S3Server:
+    """A real S3 HTTP endpoint on this machine: moto's standalone server (`moto_server`), with IAM
+    authentication on, one user allowed everything, and one bucket. `env` holds what a client needs
+    (endpoint, region, that user's key); requests signed with any other key are refused."""
+
+    def __init__(self, log: Path, bucket: str = "dpo-bucket"):
+        import socket
+        import time
+        import urllib.request
+
+        import boto3
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        # The first 3 requests (create the user, its policy and its key) pass unauthenticated; every
+        # later one must be signed with a key the server knows.
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3"))
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="dpo")
+        iam.put_user_policy(UserName="dpo", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="dpo")["AccessKey"]
+        self.bucket = bucket
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        self.client().create_bucket(Bucket=bucket)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, prefix: str) -> dict[str, bytes]:
+        """Every object under `prefix`, by key."""
+        s3, out = self.client(), {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                out[obj["Key"]] = s3.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -31,7 +31,7 @@ def resolve_paths(cfg: Config, base: str | Path) -> Config:
         section, _, name = dotted.rpartition(".")
         node = getattr(out, section) if section else out
         value = getattr(node, name)
-        if not value or Path(value).expanduser().is_absolute():
+        if not value or "://" in value or Path(value).expanduser().is_absolute():
             continue
         local = base / value
         probe = Path(str(local).replace("{split}", cfg.data.train_split))
@@ -63,7 +63,7 @@ def unresolvable_paths(cfg: Config, here: str | Path = ".") -> list[str]:
     bad = []
     for dotted in _OUTPUT_PATHS + _INPUT_PATHS:
         value = _get(cfg, dotted)
-        if not value or Path(value).expanduser().is_absolute():
+        if not value or "://" in value or Path(value).expanduser().is_absolute():
             continue
         exists = Path(str(here / value).replace("{split}", cfg.data.train_split)).exists()
         exists = exists or (dotted == "train.deepspeed_config" and _shipped_ds_json(value))

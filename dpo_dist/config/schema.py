@@ -73,6 +73,7 @@ class ScoreConfig:
     shard_size: int = opt(512, "Pairs per Arrow shard (the unit of work and of resume).")
     token_budget: int = opt(16384, "Max padded tokens per scoring forward batch (prompt+chosen and prompt+rejected are batched as separate rows).")
     overwrite: bool = opt(False, "Replace a cache whose fingerprint differs instead of refusing.")
+    reuse_from: list = opt([], "Other caches (folders or s3:// / gs:// URLs) whose pairs scored with the same reference values are copied instead of scored again (this cache's own are always reused).")
     max_retries: int = opt(3, "Times a shard is retried after its actor dies.")
 
 
@@ -165,7 +166,7 @@ class JudgeConfig:
 class Config:
     stages: list = opt(["score", "train"], "What `dpo-dist run` and slurm/dpo_hh.sbatch run, in this order: sft, score, train, generate, judge, report. With sft, the SFT export is DPO's reference and initial policy.")
     output_dir: str = opt("outputs/run", "Run folder: checkpoints, TensorBoard logs (tb/), export.")
-    cache_dir: Optional[str] = opt(None, "Reference cache folder; default OUTPUT_DIR/cache.")
+    cache_dir: Optional[str] = opt(None, "Reference cache: a folder, or an object-store prefix (s3://BUCKET/PREFIX, gs://...); default OUTPUT_DIR/cache.")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -176,7 +177,10 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
-    def resolved_cache_dir(self) -> Path:
+    def resolved_cache_dir(self) -> Path | str:
+        """The cache folder, or its s3:// / gs:// URL as written (core.store.open_store takes either)."""
+        if self.cache_dir and "://" in self.cache_dir:
+            return self.cache_dir
         return Path(self.cache_dir or Path(self.output_dir) / "cache")
 
     def export_dir(self) -> Path:

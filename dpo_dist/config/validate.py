@@ -18,7 +18,7 @@ class _Origins:
     def of(self, dotted: str) -> str:
         for key, item in self.overrides.items():
             if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
-                return f"override {item}"
+                return f"override {key}={_shown(item.split('=', 1)[1])}"
         return self.path or "config"
 
 
@@ -55,6 +55,14 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
          "train.step0_tolerance must be > 0 (or null for the bound of the dtypes in play)"),
         ("score.shard_size", cfg.score.shard_size > 0, "score.shard_size must be > 0"),
         ("score.token_budget", cfg.score.token_budget > 0, "score.token_budget must be > 0"),
+        ("cache_dir", _shown(cfg.cache_dir) == cfg.cache_dir,
+         f"cache_dir={_shown(cfg.cache_dir)}: credentials in the URL are not read (they would reach logs and run.json); "
+         "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"),
+        ("cache_dir", not cfg.cache_dir or "://" not in cfg.cache_dir or _object_url(cfg.cache_dir),
+         f"cache_dir must be a folder or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX URL; got {_shown(cfg.cache_dir)!r}"),
+        ("score.reuse_from", isinstance(cfg.score.reuse_from, list) and all(
+            isinstance(x, str) and x and ("://" not in x or _object_url(x)) for x in cfg.score.reuse_from),
+         "score.reuse_from must be a list of cache folders or s3:// / gs:// URLs"),
         ("sft.micro_batch_size", cfg.sft.micro_batch_size > 0, "sft.micro_batch_size must be > 0"),
         ("sft.gradient_accumulation_steps", cfg.sft.gradient_accumulation_steps > 0, "sft.gradient_accumulation_steps must be > 0"),
         ("sft.lr", cfg.sft.lr >= 0, "sft.lr must be >= 0"),
@@ -93,6 +101,21 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
             raise ConfigError(f"{origins.of('generate.models')}: sampling the DPO model of a LoRA run needs the merged "
                               "export: set model.lora.merge_on_export=true")
     _validate_loss(cfg, origins)
+
+
+def _object_url(value: str) -> bool:
+    from dpo_dist.core.store import SCHEMES
+
+    scheme, _, rest = value.partition("://")
+    return scheme in SCHEMES and bool(rest.split("/")[0].split("?")[0])
+
+
+def _shown(value) -> str:
+    """A URL without user info (`s3://KEY:SECRET@bucket` is not printed)."""
+    if isinstance(value, str) and "://" in value and "@" in value.split("/")[2]:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return value
 
 
 def _validate_loss(cfg: Config, origins: _Origins) -> None:

@@ -1,9 +1,18 @@
 """The reference cache: Arrow IPC shards of tokenized pairs with reference log-probs, and a manifest.
 
-Layout:  CACHE/manifest.json, CACHE/<split>/shard-00000.arrow, ...
-Shards are immutable and atomic (docs/DESIGN.md invariant 4): written to a temporary name, fsynced,
-renamed; their sha256 and row count are recorded in the manifest, which is itself replaced
-atomically. The manifest is the source of truth: a shard file it does not list is not part of the cache.
+Layout (a local folder or an object-store prefix, core.store):
+    CACHE/manifest.json                      the current view: the shards of one config's data
+    CACHE/<split>/shard-00000-<sha16>.arrow  immutable shards, named by index and checksum prefix
+    CACHE/views/<hash>.json                  earlier views of the same values (data.max_samples grew, ...)
+
+Shards are immutable and complete or absent (docs/DESIGN.md invariant 4): a local file is written to
+a temporary name and renamed, an object in one PUT; names are unique, so no reader sees a name's
+bytes change. Their sha256 and row count are recorded in the manifest, written after them. The
+manifest is the source of truth: a shard it does not list is not part of the cache.
+
+A cache holds one set of values (reference, tokenizer, tokenization, log-prob code) for pairs keyed
+by their content hash (`id`). Scoring other data with the same values keeps the earlier manifest as a
+view (runs trained on it resume) and reuses every pair already scored (stages/score.py).
 """
 from __future__ import annotations
 
@@ -15,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from dpo_dist.core.atomic import atomic_write_bytes
 from dpo_dist.core.data import SPLITS
 from dpo_dist.core.errors import UserError
+from dpo_dist.core.store import ChecksumError, open_store
 
 MANIFEST = "manifest.json"
 # 2: the fingerprint is identity.cache_identity (content, not names); names and shard size apart.
@@ -42,34 +51,72 @@ class CacheError(UserError, RuntimeError):
     """The cache is missing, incomplete, corrupt or built for another configuration."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+# What a pair's values depend on is the whole fingerprint except which pairs the data holds.
+DATA_FIELDS = ("data.train", "data.eval")
+VIEWS = "views"
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.arrow"
+def values_identity(fingerprint: dict) -> dict:
+    """The fields a pair's cached values depend on: all but the data selection (pairs are keyed by id)."""
+    return {k: v for k, v in fingerprint.items() if k not in DATA_FIELDS}
 
 
-def write_shard(path: Path, rows: list[dict]) -> dict:
-    """Write rows (dicts with the SCHEMA columns) as one Arrow IPC file; return its manifest entry."""
+def shard_name(index: int, sha256: str) -> str:
+    return f"shard-{index:05d}-{sha256[:16]}.arrow"
+
+
+def shard_index(name: str) -> tuple[int, str] | None:
+    """(index, checksum prefix) of a shard name written by shard_name; None for other names."""
+    parts = name.removesuffix(".arrow").split("-")
+    if len(parts) == 3 and parts[0] == "shard" and name.endswith(".arrow") and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    return None
+
+
+def ids_hash(ids) -> str:
+    """The hash of a shard's pair ids in order: which pairs a shard holds."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def shard_payload(rows: list[dict]) -> bytes:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, SCHEMA) as writer:
         writer.write_table(table)
-    payload = sink.getvalue().to_pybytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, payload)
-    tokens = sum(len(r["prompt_input_ids"]) * 2 + len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-    return {"name": path.name, "rows": len(rows), "tokens": tokens, "sha256": hashlib.sha256(payload).hexdigest()}
+    return sink.getvalue().to_pybytes()
+
+
+def table_entry(table: pa.Table, name: str, sha256: str) -> dict:
+    """A shard's manifest entry as far as its own bytes tell it."""
+    p = table.column("prompt_input_ids").combine_chunks().value_lengths()
+    c = table.column("chosen_input_ids").combine_chunks().value_lengths()
+    r = table.column("rejected_input_ids").combine_chunks().value_lengths()
+    tokens = sum(2 * a + b + d for a, b, d in zip(p.to_pylist(), c.to_pylist(), r.to_pylist()))
+    ids = table.column("id").to_pylist()
+    return {"name": name, "rows": table.num_rows, "tokens": tokens, "sha256": sha256, "ids_hash": ids_hash(ids),
+            "tokenize": {"pairs": table.num_rows,
+                         "prompt_truncated": sum(table.column("prompt_truncated").to_pylist()),
+                         "response_truncated": sum(table.column("response_truncated").to_pylist())}}
+
+
+def write_shard(location, split: str, index: int, rows: list[dict]) -> dict:
+    """Write rows (dicts with the SCHEMA columns) as one Arrow IPC file; return its manifest entry."""
+    payload = shard_payload(rows)
+    sha = hashlib.sha256(payload).hexdigest()
+    name = shard_name(index, sha)
+    open_store(location).write(f"{split}/{name}", payload)
+    return table_entry(ipc.open_file(pa.BufferReader(payload)).read_all(), name, sha)
 
 
 def read_shard(path: Path) -> pa.Table:
     """Memory-mapped read: the OS pages the data in as it is used."""
     return ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def shard_table(location, split: str, entry: dict, check: bool = False) -> pa.Table:
+    """A listed shard, memory-mapped (an object store's is fetched once per node and always checked)."""
+    store = open_store(location)
+    return read_shard(store.local(f"{split}/{entry['name']}", entry["sha256"] if check or store.remote else None))
 
 
 @dataclass
@@ -90,9 +137,11 @@ class Manifest:
                            "names": self.names, "shard_size": self.shard_size, "report": self.report,
                            "splits": self.splits}, indent=2, sort_keys=True)
 
-    def save(self, cache_dir: Path) -> None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache_dir / MANIFEST, self.to_json().encode())
+    def save(self, location) -> None:
+        open_store(location).write(MANIFEST, self.to_json().encode())
+
+    def view_name(self) -> str:
+        return f"{VIEWS}/{hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16]}.json"
 
     def shard_entries(self, split: str) -> list[dict]:
         shards = self.splits[split]["shards"]
@@ -102,20 +151,48 @@ class Manifest:
         info = self.splits[split]
         return info["num_shards"] is not None and len(info["shards"]) == info["num_shards"]
 
+    def complete(self) -> bool:
+        return all(self.is_complete(s) for s in SPLITS)
+
     def rows(self, split: str) -> int:
         return sum(e["rows"] for e in self.splits[split]["shards"].values())
 
 
-def load_manifest(cache_dir: Path) -> Manifest | None:
-    path = Path(cache_dir) / MANIFEST
-    if not path.exists():
-        return None
+def _parse_manifest(raw: bytes, where: str) -> Manifest:
     try:
-        raw = json.loads(path.read_text())
-        return Manifest(raw["fingerprint"], raw["splits"], raw.get("report", {}), raw.get("names", {}),
-                        raw.get("shard_size", 0), raw.get("format_version", 1))
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CacheError(f"{path}: unreadable manifest ({e}); move the cache away or rescore with score.overwrite=true") from None
+        data = json.loads(raw)
+        return Manifest(data["fingerprint"], data["splits"], data.get("report", {}), data.get("names", {}),
+                        data.get("shard_size", 0), data.get("format_version", 1))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"{where}: unreadable manifest ({e}); move the cache away or rescore with score.overwrite=true") from None
+
+
+def load_manifest(location) -> Manifest | None:
+    store = open_store(location)
+    raw = store.read(MANIFEST)
+    return None if raw is None else _parse_manifest(raw, store.path(MANIFEST))
+
+
+def views(location) -> list[Manifest]:
+    """The earlier views kept in a cache (other data, same values), oldest name first."""
+    store = open_store(location)
+    return [_parse_manifest(store.read(f"{VIEWS}/{name}") or b"", store.path(f"{VIEWS}/{name}"))
+            for name in sorted(store.list(VIEWS)) if name.endswith(".json")]
+
+
+def keep_view(location, manifest: Manifest) -> None:
+    """Keep `manifest` as a view (its shards stay listed, so runs trained on it resume)."""
+    open_store(location).write(manifest.view_name(), manifest.to_json().encode())
+
+
+def find_manifest(location, wanted: dict) -> Manifest | None:
+    """The current manifest or a kept view whose identity is exactly `wanted`; None when neither is."""
+    current = load_manifest(location)
+    if current is None:
+        return None
+    if not identity_diff(current, wanted):
+        return current
+    return next((v for v in views(location) if not identity_diff(v, wanted)), None)
 
 
 def identity_diff(manifest: Manifest, wanted: dict) -> list[str]:
@@ -127,38 +204,51 @@ def identity_diff(manifest: Manifest, wanted: dict) -> list[str]:
     return diff(manifest.fingerprint, wanted)
 
 
-def mismatch_message(cache_dir: Path, lines: list[str], what_to_do: str) -> str:
-    return (f"{cache_dir}: the cache was built for other work; {what_to_do}. Differences (cache -> config):\n  "
+def mismatch_message(location, lines: list[str], what_to_do: str) -> str:
+    return (f"{open_store(location)}: the cache was built for other work; {what_to_do}. Differences (cache -> config):\n  "
             + "\n  ".join(lines))
 
 
-def verify(cache_dir: Path, check_hashes: bool = True) -> list[str]:
-    """Every problem with the cache, one line each: missing or incomplete splits, absent, resized or corrupt shards."""
-    cache_dir = Path(cache_dir)
-    manifest = load_manifest(cache_dir)
+def verify(location, check_hashes: bool = True, manifest: Manifest | None = None, fresh: bool = False) -> list[str]:
+    """Every problem with the cache (or with one of its views), one line each: missing or incomplete
+    splits, absent, resized or corrupt shards. An object store's shards are checked as this node
+    reads them (its local copies, fetched and checked once); `fresh` hashes the objects in the store."""
+    store = open_store(location)
+    manifest = manifest or load_manifest(store)
     if manifest is None:
-        return [f"{cache_dir / MANIFEST}: no manifest (not a dpo-dist cache, or scoring never finished a shard)"]
+        return [f"{store.path(MANIFEST)}: no manifest (not a dpo-dist cache, or scoring never finished a shard)"]
     problems = []
     for split in SPLITS:
         info = manifest.splits[split]
         if not manifest.is_complete(split):
             problems.append(f"split {split}: {len(info['shards'])} of {info['num_shards'] or '?'} shards done (rerun `dpo-dist score` to finish)")
+        present = store.list(split)
         for entry in manifest.shard_entries(split):
-            path = cache_dir / split / entry["name"]
-            if not path.exists():
-                problems.append(f"{path}: missing")
-            elif check_hashes and sha256_file(path) != entry["sha256"]:
-                problems.append(f"{path}: checksum mismatch (file changed or corrupt)")
-            elif check_hashes and (rows := read_shard(path).num_rows) != entry["rows"]:
-                problems.append(f"{path}: {rows} rows, manifest says {entry['rows']}")
+            rel = f"{split}/{entry['name']}"
+            if entry["name"] not in present:
+                problems.append(f"{store.path(rel)}: missing")
+                continue
+            if not check_hashes:
+                continue
+            if fresh and store.remote:
+                if not store.matches(rel, entry["sha256"]):
+                    problems.append(f"{store.path(rel)}: checksum mismatch (object changed or corrupt)")
+                continue
+            try:
+                rows = read_shard(store.local(rel, entry["sha256"])).num_rows
+            except ChecksumError as e:
+                problems.append(str(e))
+                continue
+            if rows != entry["rows"]:
+                problems.append(f"{store.path(rel)}: {rows} rows, manifest says {entry['rows']}")
     return problems
 
 
 class CachedSplit:
     """The rows of one split, memory-mapped; `rows[i]` is a dict of python values."""
 
-    def __init__(self, cache_dir: Path, split: str, manifest: Manifest):
-        tables = [read_shard(Path(cache_dir) / split / e["name"]) for e in manifest.shard_entries(split)]
+    def __init__(self, location, split: str, manifest: Manifest):
+        tables = [shard_table(location, split, e) for e in manifest.shard_entries(split)]
         self.table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
         self._columns = {name: self.table.column(name) for name in SCHEMA.names}
 
@@ -176,32 +266,34 @@ class CachedSplit:
         return [pi + max(ci, ri) for pi, ci, ri in zip(p, c, r)]
 
 
-def open_cache(cache_dir: Path, wanted: dict, check_hashes: bool = True) -> Manifest:
-    """Check a cache for training: complete, intact, and built for exactly this work.
+def open_cache(location, wanted: dict, check_hashes: bool = True) -> Manifest:
+    """Check a cache for training: complete, intact, and built for exactly this work; returns the
+    manifest (or kept view) that is.
 
     `wanted` is identity.cache_identity of the caller's config; every field is compared.
     """
-    cache_dir = Path(cache_dir)
-    manifest = load_manifest(cache_dir)
+    store = open_store(location)
+    current = load_manifest(store)
+    if current is None:
+        raise CacheError(f"{store}: no reference cache here; run `dpo-dist score --config ...` first")
+    manifest = find_manifest(store, wanted)
     if manifest is None:
-        raise CacheError(f"{cache_dir}: no reference cache here; run `dpo-dist score --config ...` first")
-    lines = identity_diff(manifest, wanted)
-    if lines:
-        raise CacheError(mismatch_message(cache_dir, lines, "score this config into another cache_dir "
+        raise CacheError(mismatch_message(store, identity_diff(current, wanted), "score this config into another cache_dir "
                                           "(or rescore this one with score.overwrite=true)"))
-    problems = verify(cache_dir, check_hashes=check_hashes)
+    problems = verify(store, check_hashes=check_hashes, manifest=manifest)
     if problems:
-        raise CacheError(f"{cache_dir}: {problems[0]}" + (f" (+{len(problems) - 1} more; see `dpo-dist cache info --verify`)" if len(problems) > 1 else ""))
+        raise CacheError(f"{store}: {problems[0]}" + (f" (+{len(problems) - 1} more; see `dpo-dist cache info --verify`)" if len(problems) > 1 else ""))
     return manifest
 
 
-def info_text(cache_dir: Path) -> str:
+def info_text(location) -> str:
     """Human summary of a cache for `dpo-dist cache info`."""
-    manifest = load_manifest(Path(cache_dir))
+    store = open_store(location)
+    manifest = load_manifest(store)
     if manifest is None:
-        raise CacheError(f"{Path(cache_dir) / MANIFEST}: no manifest")
+        raise CacheError(f"{store.path(MANIFEST)}: no manifest")
     fp, names = manifest.fingerprint, manifest.names
-    lines = [f"cache: {cache_dir}",
+    lines = [f"cache: {store}",
              f"reference: {names.get('reference', '?')} (weights {fp.get('reference.weights')}, dtype {fp.get('reference.dtype')})",
              f"tokenizer: {names.get('tokenizer', '?')} (vocab {fp.get('tokenizer.vocab')}, chat template "
              f"{fp.get('tokenizer.chat_template')}), max_length {fp.get('data.max_length')}, max_prompt_length "
@@ -216,6 +308,7 @@ def info_text(cache_dir: Path) -> str:
         lines.append(f"{split}: {manifest.rows(split)} pairs, {tokens} tokens, {len(info['shards'])}/{info['num_shards'] or '?'} shards ({state})")
         for key, value in sorted(info.get("report", {}).items()):
             lines.append(f"  {key}: {value}")
+    for view in views(store):
+        lines.append(f"kept view: data train {view.fingerprint.get('data.train')}, eval {view.fingerprint.get('data.eval')} "
+                     f"(created {view.names.get('created', '?')}; runs trained on it resume)")
     return "\n".join(lines)
-
-

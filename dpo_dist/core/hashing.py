@@ -43,20 +43,26 @@ def _remember(kind: str, key: str, value: dict) -> None:
         pass
 
 
+def sha256_file(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read now (checksums of shards and checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes, remembered per (real path, size, mtime_ns)."""
+    """sha256 hex of a file's bytes, remembered per (real path, size, mtime_ns): model weights."""
     real = os.path.realpath(path)
     st = os.stat(real)
     key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}"
     memo = _recall("files", key)
     if memo:
         return memo["sha256"]
-    digest = hashlib.sha256()
-    with open(real, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    _remember("files", key, {"sha256": digest.hexdigest()})
-    return digest.hexdigest()
+    digest = sha256_file(real)
+    _remember("files", key, {"sha256": digest})
+    return digest
 
 
 def short_hash(value: Any) -> str:

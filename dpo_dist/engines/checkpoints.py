@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from dpo_dist.core.atomic import atomic_folder, atomic_write_bytes, disk_full
-from dpo_dist.core.cache import sha256_file
 from dpo_dist.core.errors import UserError
+from dpo_dist.core.hashing import sha256_file
 from dpo_dist.core.removal import UnsafeDeleteError, remove_tree
 from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier, to_universal
 

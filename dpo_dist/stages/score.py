@@ -11,15 +11,14 @@ writes each shard atomically and then the manifest. A dead actor is replaced and
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 from dpo_dist.core import cache as cache_mod
-from dpo_dist.core.removal import remove_tree
+from dpo_dist.core.reuse import ReuseIndex
+from dpo_dist.core.store import open_store
 from dpo_dist.config import Config
 from dpo_dist.core.data import DataError, DataReport, Pair, iter_dataset, iter_pairs, source_options
 from dpo_dist.core.metrics import slow_bf16_note
@@ -38,10 +37,12 @@ class ShardTask:
 
 @dataclass
 class ScoreResult:
-    cache_dir: Path
+    cache_dir: str
     scored_shards: int = 0
     skipped_shards: int = 0
     pairs: int = 0
+    scored_pairs: int = 0  # sent to the reference model in this run
+    reused_pairs: int = 0  # copied from an earlier view or a score.reuse_from cache
     tokens: int = 0
     seconds: float = 0.0
     reports: dict = field(default_factory=dict)
@@ -54,7 +55,7 @@ class ScoreResult:
 # ----------------------------------------------------------------------------- shard plan
 
 def _ids_hash(pairs: list[Pair]) -> str:
-    return hashlib.sha256("\n".join(p.id for p in pairs).encode()).hexdigest()[:16]
+    return cache_mod.ids_hash(p.id for p in pairs)
 
 
 def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int], shard_size: int) -> Iterator[ShardTask]:
@@ -191,47 +192,68 @@ def source_name(cfg: Config, split: str) -> str:
 
 # ----------------------------------------------------------------------------- driver
 
-def prepare_cache_dir(cache_dir: Path, spec: CacheSpec, shard_size: int, overwrite: bool) -> cache_mod.Manifest:
-    """Reuse a cache of the same identity, whatever its shard size (it is completed with its own);
-    refuse one built for other work, or, with `overwrite`, clear it."""
-    manifest = cache_mod.load_manifest(cache_dir)
+def prepare_cache_dir(store, spec: CacheSpec, shard_size: int, overwrite: bool) -> tuple[cache_mod.Manifest, list]:
+    """The manifest to fill, and this cache's earlier views (their pairs are reused).
+
+    A cache of the same identity is continued, whatever its shard size. A cache of the same values
+    but other data (a grown max_samples, an appended source) keeps its manifest as a view and starts
+    (or continues) the view of this data. One built with other values is refused, or, with
+    `overwrite`, cleared."""
+    manifest = cache_mod.load_manifest(store)
     if manifest is not None:
         lines = cache_mod.identity_diff(manifest, spec.identity)
         if not lines:
-            return manifest
+            return manifest, cache_mod.views(store)
+        same_values = (manifest.format_version == cache_mod.FORMAT_VERSION
+                       and cache_mod.values_identity(manifest.fingerprint) == cache_mod.values_identity(spec.identity))
+        if same_values and not overwrite:
+            cache_mod.keep_view(store, manifest)
+            kept = cache_mod.views(store)
+            again = next((v for v in kept if not cache_mod.identity_diff(v, spec.identity)), None)
+            print(f"[dpo-dist] {store}: other data with the same reference values ({'; '.join(lines)}): the earlier "
+                  f"view is kept (runs trained on it resume); pairs already scored are reused", flush=True)
+            new = again or cache_mod.Manifest.new(spec.identity, spec.names, manifest.shard_size)
+            new.save(store)
+            return new, kept
         if not overwrite:
             raise cache_mod.CacheError(cache_mod.mismatch_message(
-                cache_dir, lines, "use another cache_dir, or set score.overwrite=true to replace this one"))
-        for split in cache_mod.SPLITS:
-            remove_tree(cache_dir / split, cache_dir)
-        remove_tree(cache_dir / cache_mod.MANIFEST, cache_dir)
-    elif cache_dir.exists() and any(p.name != "tb" for p in cache_dir.iterdir()) and not overwrite:
-        raise cache_mod.CacheError(f"{cache_dir}: folder exists, is not empty and holds no manifest; refusing to write into it")
-    return cache_mod.Manifest.new(spec.identity, spec.names, shard_size)
+                store, lines, "use another cache_dir, or set score.overwrite=true to replace this one"))
+        for part in (*cache_mod.SPLITS, cache_mod.VIEWS, cache_mod.MANIFEST):
+            store.delete(part)
+    elif store.exists() and not overwrite:
+        raise cache_mod.CacheError(f"{store}: folder exists, is not empty and holds no manifest; refusing to write into it")
+    new = cache_mod.Manifest.new(spec.identity, spec.names, shard_size)
+    new.save(store)  # first: a crashed first run resumes by listing the shards it wrote
+    return new, []
 
 
 def run_scoring(cfg: Config) -> ScoreResult:
     """Score the reference model over the train and eval splits into cfg's cache directory."""
-    cache_dir = cfg.resolved_cache_dir()
-    # Everything that can be checked without Ray is checked before it starts: the model and
-    # tokenizer resolve, the data reads (its identity streams every pair once, then is remembered).
+    store = open_store(cfg.resolved_cache_dir())
+    # Everything that can be checked without Ray is checked before it starts: the store answers, the
+    # model and tokenizer resolve, the data reads (its identity streams every pair once, then is remembered).
+    store.exists()  # an object store's endpoint, credentials and bucket, in one line, before any work
     data_identity(cfg.data)  # reads every pair once (then remembered): a bad source fails first, in seconds
     spec = training_cache(cfg)
     _tokenize_first_pairs(cfg, spec)
+    index = ReuseIndex(cache_mod.values_identity(spec.identity))
+    for other in cfg.score.reuse_from:
+        open_store(other).exists()
     cluster = connect_ray()
     if note := slow_bf16_note(spec.identity["reference.dtype"], cluster.device):
         print(f"[dpo-dist] scoring in bfloat16 (the training precision, score.dtype=auto): {note}", flush=True)
-    manifest = prepare_cache_dir(cache_dir, spec, cfg.score.shard_size, cfg.score.overwrite)
+    manifest, kept = prepare_cache_dir(store, spec, cfg.score.shard_size, cfg.score.overwrite)
     if manifest.shard_size != cfg.score.shard_size:
-        print(f"[dpo-dist] {cache_dir}: continuing with its own shard size {manifest.shard_size} "
+        print(f"[dpo-dist] {store}: continuing with its own shard size {manifest.shard_size} "
               f"(score.shard_size={cfg.score.shard_size} applies to new caches)", flush=True)
+    sources = [(store, v) for v in kept] + [(open_store(o), None) for o in cfg.score.reuse_from]
     actor_kwargs = dict(model_path=str(spec.ref_dir), tokenizer_path=str(spec.tokenizer_dir),
                         dtype=spec.identity["reference.dtype"], attn_implementation=cfg.model.attn_implementation,
                         trust_remote_code=cfg.model.trust_remote_code, threads=cfg.score.threads_per_actor,
                         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                         truncation_mode=cfg.data.truncation_mode, token_budget=cfg.score.token_budget,
                         layout=cfg.model.layout, fused_head=cfg.model.fused_head)
-    return _dispatch(cfg, manifest, cache_dir, cluster, actor_kwargs)
+    return _dispatch(cfg, manifest, store, cluster, actor_kwargs, index, sources)
 
 
 def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
@@ -253,48 +275,119 @@ def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
             raise DataError(f"{source_name(cfg, split)}: {e}") from None
 
 
-def _dispatch(cfg: Config, manifest: cache_mod.Manifest, cache_dir: Path, cluster: Cluster, actor_kwargs: dict) -> ScoreResult:
+class _Reuse:
+    """The reuse sources, indexed on first need (a resumed cache with nothing new reads none of them)."""
+
+    def __init__(self, index: ReuseIndex, sources: list, say):
+        self.index, self.sources, self.say, self.ready = index, sources, say, not sources
+
+    def rows(self, pairs) -> dict[int, dict]:
+        if not self.ready:
+            self.ready = True
+            for store, manifest in self.sources:
+                if manifest is not None:
+                    self.index.add(store, manifest)
+                else:
+                    _, skipped = self.index.add_cache(store)
+                    for line in skipped:
+                        self.say(f"[dpo-dist] score.reuse_from: {line}: not reused")
+            self.say(f"[dpo-dist] {len(self.index):,} scored pairs indexed for reuse")
+        return self.index.rows(pairs) if len(self.index) else {}
+
+
+def _listed_shard(store, task: ShardTask, present: dict[str, int]) -> dict | None:
+    """A complete shard of this task that the store holds but the manifest does not list (scoring
+    stopped between writing it and the manifest): its entry when its bytes match its name's checksum
+    and it holds exactly the task's pairs."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    for name in sorted(present):
+        parsed = cache_mod.shard_index(name)
+        if parsed is None or parsed[0] != task.index:
+            continue
+        payload = store.read(f"{task.split}/{name}")
+        sha = hashlib.sha256(payload or b"").hexdigest()
+        if payload is None or not sha.startswith(parsed[1]):
+            continue
+        entry = cache_mod.table_entry(ipc.open_file(pa.BufferReader(payload)).read_all(), name, sha)
+        if entry["ids_hash"] == task.ids_hash:
+            return entry
+    return None
+
+
+def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster, actor_kwargs: dict,
+              index: ReuseIndex, sources: list) -> ScoreResult:
     from torch.utils.tensorboard import SummaryWriter
 
-    result = ScoreResult(cache_dir)
+    result = ScoreResult(store.url)
     reports = {s: DataReport() for s in cache_mod.SPLITS}
     done: dict[str, int] = {}
-    writer = SummaryWriter(str(cache_dir / "tb"))
+    writer = SummaryWriter(str(store.tb_dir()))
     progress = progress_bar(estimate_rows(cfg), unit="pair", desc="scoring")
+    reuse = _Reuse(index, sources, progress.write)
+    present = {split: store.list(split) for split in cache_mod.SPLITS}
+    reused: dict[tuple[str, int], tuple[list[Pair], dict[int, dict]]] = {}  # a task's pairs and reused rows
     started = time.perf_counter()
 
-    def record(task: ShardTask, out: dict) -> None:
-        entry = cache_mod.write_shard(cache_dir / task.split / cache_mod.shard_name(task.index), out["rows"])
-        entry.update(ids_hash=task.ids_hash, tokenize=out["tokenize"], real_tokens=out["real_tokens"],
-                     padded_tokens=out["padded_tokens"], forward_seconds=round(out["forward_seconds"], 3))
+    def record(task: ShardTask, entry: dict) -> None:
         manifest.splits[task.split]["shards"][str(task.index)] = entry
-        manifest.save(cache_dir)
-        result.scored_shards += 1
-        result.tokens += out["real_tokens"]
+        manifest.save(store)
         elapsed = time.perf_counter() - started
         writer.add_scalar("score/tokens_per_sec", result.tokens / elapsed, result.scored_shards)
-        writer.add_scalar("score/padding_efficiency", out["real_tokens"] / max(out["padded_tokens"], 1), result.scored_shards)
         writer.add_scalar("score/pairs", result.pairs, result.scored_shards)
-        progress.set_postfix(tok_s=f"{result.tokens / elapsed:,.0f}", shards=result.scored_shards)
+        progress.set_postfix(tok_s=f"{result.tokens / elapsed:,.0f}", shards=result.scored_shards, reused=result.reused_pairs)
+
+    def write(task: ShardTask, pairs: list[Pair], found: dict[int, dict], out: dict | None) -> None:
+        scored = iter(out["rows"] if out else [])
+        rows = [found[i] if i in found else next(scored) for i in range(len(pairs))]
+        entry = cache_mod.write_shard(store, task.split, task.index, rows)
+        entry["reused"] = len(found)
+        if out:
+            entry["tokenize"]["boundary_mismatch"] = out["tokenize"]["boundary_mismatch"]
+            entry.update(real_tokens=out["real_tokens"], padded_tokens=out["padded_tokens"],
+                         forward_seconds=round(out["forward_seconds"], 3))
+            writer.add_scalar("score/padding_efficiency", out["real_tokens"] / max(out["padded_tokens"], 1), result.scored_shards)
+            result.scored_shards += 1
+            result.tokens += out["real_tokens"]
+        result.reused_pairs += len(found)
+        record(task, entry)
 
     def to_score():
-        """The shards still to score; complete ones (same ids, same checksum) are counted and skipped."""
+        """The shards still to score: complete ones (same ids, same checksum; listed in the manifest, or
+        found by listing the store) are counted and skipped, reused pairs are copied."""
         for task in plan_shards(cfg, reports, done, manifest.shard_size):
             result.pairs += len(task.pairs)
             entry = manifest.splits[task.split]["shards"].get(str(task.index))
-            path = cache_dir / task.split / cache_mod.shard_name(task.index)
-            if entry and entry.get("ids_hash") == task.ids_hash and path.exists() and cache_mod.sha256_file(path) == entry["sha256"]:
+            if (entry and entry.get("ids_hash") == task.ids_hash and entry["name"] in present[task.split]
+                    and store.matches(f"{task.split}/{entry['name']}", entry["sha256"])):
                 result.skipped_shards += 1
                 progress.update(len(task.pairs))
                 continue
-            yield task
+            listed = _listed_shard(store, task, present[task.split])
+            if listed is not None:
+                result.skipped_shards += 1
+                record(task, listed)
+                progress.update(len(task.pairs))
+                continue
+            found = reuse.rows(task.pairs)
+            if len(found) == len(task.pairs):
+                write(task, task.pairs, found, None)
+                progress.update(len(task.pairs))
+                continue
+            reused[(task.split, task.index)] = (task.pairs, found)
+            yield ShardTask(task.split, task.index, [p for i, p in enumerate(task.pairs) if i not in found], task.ids_hash)
 
     try:
         for task, out in run_actors(cluster, RefScorer, actor_kwargs, lambda actor, task: actor.score.remote(task),
                                     to_score(), cfg.score, name=lambda t: f"shard {t.split}/{t.index}",
                                     where=lambda t: source_name(cfg, t.split), progress=progress,
-                                    advance=lambda t: len(t.pairs)):
-            record(task, out)
+                                    advance=lambda t: len(reused[(t.split, t.index)][0])):
+            pairs, found = reused[(task.split, task.index)]
+            write(task, pairs, found, out)
+            result.scored_pairs += len(task.pairs)
     finally:
         writer.close()
     result.seconds = time.perf_counter() - started
@@ -302,9 +395,11 @@ def _dispatch(cfg: Config, manifest: cache_mod.Manifest, cache_dir: Path, cluste
         info = manifest.splits[split]
         info["num_shards"] = done[split]
         entries = manifest.shard_entries(split)
-        tok = {k: sum(e["tokenize"][k] for e in entries) for k in ("prompt_truncated", "response_truncated", "boundary_mismatch")}
-        real, padded = sum(e["real_tokens"] for e in entries), sum(e["padded_tokens"] for e in entries)
-        info["report"] = {"pairs": manifest.rows(split), "source": reports[split].to_dict(), **tok, "padding_efficiency": round(real / padded, 4) if padded else 1.0}
+        tok = {k: sum(e["tokenize"].get(k, 0) for e in entries) for k in ("prompt_truncated", "response_truncated", "boundary_mismatch")}
+        real, padded = sum(e.get("real_tokens", 0) for e in entries), sum(e.get("padded_tokens", 0) for e in entries)
+        info["report"] = {"pairs": manifest.rows(split), "source": reports[split].to_dict(), **tok,
+                          "reused": sum(e.get("reused", 0) for e in entries),
+                          "padding_efficiency": round(real / padded, 4) if padded else 1.0}
         result.reports[split] = info["report"]
-    manifest.save(cache_dir)
+    manifest.save(store)
     return result

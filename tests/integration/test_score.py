@@ -26,7 +26,7 @@ import transformers
 import psutil
 import ray  # noqa: F401
 
-from dpo_dist.core.cache import CacheError, load_manifest, open_cache, read_shard, verify  # noqa: E402
+from dpo_dist.core.cache import CacheError, info_text, load_manifest, open_cache, read_shard, verify  # noqa: E402
 from helpers import REPO, cmdline, manifest_shards, shard_hashes
 from dpo_dist.identity import training_cache  # noqa: E402
 from dpo_dist.cli import main as cli_main  # noqa: E402
@@ -490,7 +490,7 @@ def test_a_corrupted_shard_is_named_refused_and_rescored_alone(baseline, tiny_mo
     scoring rescores that shard alone, back to the clean run's bytes."""
     cache = tmp_path / "cache"
     shutil.copytree(baseline, cache)
-    shard = cache / "train" / "shard-00003.arrow"
+    shard = cache / "train" / load_manifest(cache).splits["train"]["shards"]["3"]["name"]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -504,3 +504,39 @@ def test_a_corrupted_shard_is_named_refused_and_rescored_alone(baseline, tiny_mo
     result = run_scoring(cfg)
     assert result.scored_shards == 1 and result.skipped_shards == len(shard_hashes(baseline)) - 1
     assert shard_hashes(cache) == shard_hashes(baseline) and verify(cache) == []
+
+
+# ----------------------------------------------------------------------------- scored pairs reused
+
+def test_grown_data_scores_only_the_new_pairs_and_gives_the_same_bytes(baseline, tiny_model, synthetic_path, tmp_path):
+    """Score the first 60 pairs, then all 600 into the same cache: only the pairs not scored before
+    reach the reference model, every shard has the bytes of scoring all 600 at once, and the
+    60-pair view is kept (a run trained on it still finds its cache)."""
+    from dpo_dist.pipeline import cache_ready
+
+    cache = tmp_path / "cache"
+    small = _cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_samples=60")
+    first = run_scoring(small)
+    assert first.scored_pairs == first.pairs == 60
+    grown = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
+    assert grown.pairs == 600 and grown.scored_pairs == 540, (grown.scored_pairs, grown.reused_pairs)
+    assert shard_hashes(cache) == shard_hashes(baseline)
+    assert load_manifest(cache).splits["train"]["report"]["pairs"] + load_manifest(cache).splits["eval"]["report"]["pairs"] == 600
+    small_id = training_cache(small).identity
+    kept = open_cache(cache, small_id)
+    assert kept.rows("train") + kept.rows("eval") == 60 and cache_ready(small)
+    assert f"kept view: data train {small_id['data.train']}" in info_text(cache)
+
+    # Another cache that names this one in score.reuse_from scores nothing.
+    other = run_scoring(_cfg(tiny_model, synthetic_path, tmp_path / "other", *SYNTHETIC, f"score.reuse_from=[{cache}]"))
+    assert other.scored_pairs == 0 and other.reused_pairs == 600
+    assert shard_hashes(tmp_path / "other") == shard_hashes(baseline)
+
+
+def test_reuse_from_a_cache_of_other_values_scores_everything_and_says_why(baseline, tiny_model, synthetic_path, tmp_path, capsys):
+    """A cache scored with another max_length holds other values: named in score.reuse_from it is
+    left out, in one line that names the field, and every pair is scored."""
+    result = run_scoring(_cfg(tiny_model, synthetic_path, tmp_path / "cache", *SYNTHETIC, "data.max_samples=40",
+                              "data.max_length=384", f"score.reuse_from=[{baseline}]"))
+    assert result.scored_pairs == 40 and result.reused_pairs == 0
+    assert "data.max_length: 512 -> 384" in capsys.readouterr().out

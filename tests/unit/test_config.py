@@ -34,12 +34,16 @@ def test_derived_values():
     (["loss.loss_type=dpo"], "override loss.loss_type=dpo: loss.loss_type: unknown loss_type 'dpo'"),
     (["loss.params={gamma: 1}"], "override loss.params={gamma: 1}: loss.params: unknown parameter 'gamma'"),
     (["nonsense"], "expected KEY=VALUE"),
+    (["cache_dir=http://host/cache"], "cache_dir must be a folder or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX URL; got 'http://host/cache'"),
+    (["cache_dir=s3://KEY:SECRET@bucket/p"], "cache_dir=s3://bucket/p: credentials in the URL are not read"),
+    (["cache_dir=s3:///prefix"], "cache_dir must be a folder or an s3://BUCKET/PREFIX"),
+    (["score.reuse_from=[ftp://x/y]"], "score.reuse_from must be a list of cache folders or s3:// / gs:// URLs"),
     (["loss.params={gamma: [1"], r"override loss.params=\{gamma: \[1: invalid YAML value \("),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(None, overrides)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "KEY:SECRET" not in str(e.value)
 
 
 def test_file_errors_name_the_file_and_line(tmp_path):

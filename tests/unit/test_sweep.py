@@ -56,3 +56,12 @@ def test_task_index_out_of_range(tmp_path):
     sweep = load_sweep(_write(tmp_path, "runs:\n  a: [loss.beta=0.1]\n"))
     with pytest.raises(ConfigError, match=r"task 3 out of range: the sweep has 1 runs"):
         task_overrides(None, BASE, sweep, 3)
+
+
+def test_an_object_store_cache_is_every_runs_cache_as_written(tmp_path):
+    """cache_dir=s3://... reaches every run (and each array task's overrides) unchanged, not as a path."""
+    sweep = load_sweep(_write(tmp_path, "output_dir: out/sweep\nruns:\n  b01: [loss.beta=0.1]\n  b02: [loss.beta=0.2]\n"))
+    base, runs = plan(None, [*BASE, "cache_dir=s3://bucket/caches/hh"], sweep)
+    assert base.resolved_cache_dir() == "s3://bucket/caches/hh"
+    assert {cfg.resolved_cache_dir() for _, cfg in runs} == {"s3://bucket/caches/hh"}
+    assert "cache_dir=s3://bucket/caches/hh" in task_overrides(None, [*BASE, "cache_dir=s3://bucket/caches/hh"], sweep, 0)

@@ -173,7 +173,7 @@ def run_generate(cfg: Config, model: str, label: str, out_dir: Path, checkpoint_
 def _dispatch(cfg: Config, folder: Path, manifest: dict, todo: list[GenTask], total: int, actor_kwargs: dict,
               fixed: dict, result: GenerateResult) -> None:
     """Start the actors, write each shard as it arrives (then the manifest), update the progress bar."""
-    from dpo_dist.core.cache import sha256_file
+    from dpo_dist.core.hashing import sha256_file
 
     cluster = connect_ray()
     if cfg.generate.backend == "vllm" and not cluster.gpus:

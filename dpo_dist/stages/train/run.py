@@ -52,6 +52,7 @@ class Prepared:
     adjusted: str | None = None  # how for_world changed the accumulation, if it did
     universal: bool = False  # resume_step is loaded from its universal checkpoint (another world size)
     notes: list[str] = field(default_factory=list)  # printed by rank 0
+    cache_identity: dict = field(default_factory=dict)  # the cache view this run trains on
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -85,7 +86,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
                                            started={"world_size": world_size, "gradient_accumulation_steps": accum},
                                            aside={"keep": [cfg.resolved_cache_dir()], "extra": [cfg.export_dir()]})
     return Prepared(policy_dir, spec.tokenizer_dir, run_id, spec.identity["reference.dtype"], policy_weights == spec.identity["reference.weights"],
-                    None, False, accum, adjusted, notes=notes), gone
+                    None, False, accum, adjusted, notes=notes, cache_identity=spec.identity), gone
 
 
 def _resume_point_main(cfg: Config, world_size: int, prepared: Prepared, gone: list[str], resume: bool,
@@ -171,7 +172,7 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
     from dpo_dist.models import load_tokenizer
 
     tokenizer = load_tokenizer(prepared.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
-    manifest = cache_mod.load_manifest(cfg.resolved_cache_dir())
+    manifest = cache_mod.find_manifest(cfg.resolved_cache_dir(), prepared.cache_identity)
     train_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "train", manifest)
     eval_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "eval", manifest)
     t = cfg.train

@@ -37,7 +37,8 @@ def free_ports(n: int, span: int = 1) -> list[int]:
 def base_overrides(work: Path, max_steps: int, cache: str = "cache", **more) -> list[str]:
     """The tiny run of these tests; `more` adds or replaces overrides (train__save_steps=... style)."""
     overrides = {"model.name_or_path": work / "model", "data.train": work / "train.jsonl",
-                 "data.eval": work / "eval.jsonl", "cache_dir": work / cache, "train.max_steps": max_steps,
+                 "data.eval": work / "eval.jsonl", "cache_dir": cache if "://" in cache else work / cache,
+                 "train.max_steps": max_steps,
                  "train.save_steps": 3, "train.eval_steps": 0, "score.cpu_actors": 2, "score.shard_size": 64}
     overrides.update({k.replace("__", "."): v for k, v in more.items()})
     return [f"{k}={v}" for k, v in overrides.items()]

@@ -1,8 +1,10 @@
 """slurm/dpo_hh.sbatch for real on the local 2-node Slurm cluster: Ray head on n1 and a Ray worker
-on n2 (token authentication on) score the reference with `ray job submit`, stop cleanly, then
-srun + torchrun train over both nodes, export; a second submission of the same job skips scoring
-and resumes; USR1 stops training at a step through OUTPUT_DIR/STOP and requeues, and the job
-requeued onto 1 node resumes there (elastic resume); STAGES=train with an OVERRIDES_FILE.
+on n2 (token authentication on) score the reference with `ray job submit` into an S3 cache (moto's
+S3 server on this machine, IAM auth on; the key reaches the job through its environment), stop
+cleanly, then srun + torchrun train over both nodes from that cache, export; a second submission
+of the same job skips scoring and resumes; USR1 stops training at a step through OUTPUT_DIR/STOP and
+requeues, and the job requeued onto 1 node resumes there (elastic resume); STAGES=train with an
+OVERRIDES_FILE.
 
 Tiny llama, synthetic pairs, CPU, 1 CPU and 1 training process per node.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import S3Server
 from slurm_jobs import REPO, assert_clean_log, base_overrides, job_env
 
 pytestmark = pytest.mark.integration
@@ -23,8 +26,23 @@ SBATCH = REPO / "slurm" / "dpo_hh.sbatch"
 MAX_STEPS = 6
 
 
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
 def _env(c, work: Path, output_dir: str = "run", max_steps: int = MAX_STEPS, **more) -> dict:
-    return job_env(c, OVERRIDES=" ".join(base_overrides(work, max_steps, **more)), OUTPUT_DIR=work / output_dir)
+    s3 = more.pop("s3", None)
+    env = job_env(c, OVERRIDES=" ".join(base_overrides(work, max_steps, **more)), OUTPUT_DIR=work / output_dir)
+    if s3 is not None:
+        env.update(s3.env, DPO_DIST_FETCH_DIR=str(work / "fetched"))
+    return env
+
+
+def _s3_cache(s3) -> str:
+    return f"s3://{s3.bucket}/caches/hh"
 
 
 def _sbatch(c, env: dict, out: Path) -> str:
@@ -32,10 +50,10 @@ def _sbatch(c, env: dict, out: Path) -> str:
                     f"--chdir={REPO}", f"--output={out}", SBATCH, env=env)
 
 
-def _submit(c, work: Path, name: str) -> tuple[dict, str, float]:
+def _submit(c, work: Path, name: str, s3) -> tuple[dict, str, float]:
     out = work / f"{name}.out"
     t0 = time.monotonic()
-    job = _sbatch(c, _env(c, work), out)
+    job = _sbatch(c, _env(c, work, cache=_s3_cache(s3), s3=s3), out)
     try:
         info = c.wait(job, timeout=600)
     finally:
@@ -48,11 +66,11 @@ def _submit(c, work: Path, name: str) -> tuple[dict, str, float]:
 
 
 @pytest.fixture(scope="module")
-def first_job(slurm_cluster, work):
-    return _submit(slurm_cluster, work, "first")
+def first_job(slurm_cluster, work, s3):
+    return _submit(slurm_cluster, work, "first", s3)
 
 
-def test_sbatch_scores_on_two_ray_nodes_and_trains_on_two_slurm_nodes(first_job, work):
+def test_sbatch_scores_on_two_ray_nodes_and_trains_on_two_slurm_nodes(first_job, work, s3):
     info, text, elapsed = first_job
     assert info["NodeList"] == "n[1-2]", info
     # Ray: a head on n1 and a worker on n2, with token authentication
@@ -74,8 +92,12 @@ def test_sbatch_scores_on_two_ray_nodes_and_trains_on_two_slurm_nodes(first_job,
     assert_clean_log(text)
     for log in (work / "run" / "slurm").glob("job-*/ray-*.log"):
         assert "stopped (expected)" in log.read_text(errors="replace"), log
-    manifest = json.loads((work / "cache" / "manifest.json").read_text())
+    manifest = json.loads(s3.keys("caches/hh/manifest.json")["caches/hh/manifest.json"])
     assert manifest["splits"]["train"]["shards"], manifest
+    assert f"reference cache : {_s3_cache(s3)}" in text, text
+    fetched = {p.stem for p in (work / "fetched").glob("*.arrow")}  # the training ranks' copies
+    assert fetched == {e["sha256"] for info in manifest["splits"].values() for e in info["shards"].values()}
+    assert s3.env["AWS_SECRET_ACCESS_KEY"] not in text
     # training: 2 nodes x 1 process
     final = json.loads((work / "run" / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["steps"] == MAX_STEPS, final
@@ -111,8 +133,8 @@ def test_tensorboard_and_export(first_job, work):
     assert model.num_parameters() > 0
 
 
-def test_second_submission_skips_scoring_and_resumes(first_job, slurm_cluster, work):
-    info, text, elapsed = _submit(slurm_cluster, work, "second")
+def test_second_submission_skips_scoring_and_resumes(first_job, slurm_cluster, work, s3):
+    info, text, elapsed = _submit(slurm_cluster, work, "second", s3)
     assert "scoring skipped" in text, text
     assert "Ray cluster up" not in text, text
     assert "training already complete" in text, text  # resumed at the last checkpoint: step 6 of 6
@@ -121,7 +143,7 @@ def test_second_submission_skips_scoring_and_resumes(first_job, slurm_cluster, w
 
 
 def test_time_limit_signal_stops_training_at_a_step_and_the_job_requeued_on_one_node_resumes_there(
-        first_job, slurm_cluster, work):
+        first_job, slurm_cluster, work, s3):
     """--signal=B:USR1@300 arrives (sent by hand here) mid-training of a 2-node job: the script writes
     OUTPUT_DIR/STOP, both nodes' ranks finish their step and save checkpoint step-N, and the script
     requeues the job, which waits to run again on 1 node (as a job of `--nodes=1-2` whose second node
@@ -133,7 +155,8 @@ def test_time_limit_signal_stops_training_at_a_step_and_the_job_requeued_on_one_
     out = work / "requeue.out"
     max_steps = 30
     t0 = time.monotonic()
-    job = _sbatch(c, _env(c, work, output_dir="run_rq", max_steps=max_steps, train__save_steps=1000), out)
+    job = _sbatch(c, _env(c, work, output_dir="run_rq", max_steps=max_steps, train__save_steps=1000,
+                          cache=_s3_cache(s3), s3=s3), out)
     deadline = time.monotonic() + 300
     while "step-0 identity" not in (out.read_text(errors="replace") if out.exists() else ""):  # training started
         assert time.monotonic() < deadline and c.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (
@@ -165,18 +188,18 @@ def test_time_limit_signal_stops_training_at_a_step_and_the_job_requeued_on_one_
 
 
 def test_train_stage_reads_an_overrides_file_refuses_a_missing_cache_and_reports_a_stop_from_outside(
-        first_job, slurm_cluster, work):
+        first_job, slurm_cluster, work, s3):
     """STAGES=train with OVERRIDES_FILE (an output_dir with spaces): training starts on the cache the
     first job scored; a STOP file written from outside stops it after a step with a checkpoint, and
     the job fails, saying so. The same with a cache nobody scored is refused before any training."""
     c = slurm_cluster
     out_dir = work / "run with spaces"
     jobs = {}
-    for name, cache in (("stop", "cache"), ("nocache", "cache_nobody_scored")):
+    for name, cache in (("stop", _s3_cache(s3)), ("nocache", "cache_nobody_scored")):
         overrides = work / f"{name}.overrides"
         overrides.write_text("\n".join(["# one override per line", *base_overrides(work, 30, cache=cache, train__save_steps=1000),
                                         f"output_dir={out_dir if name == 'stop' else work / 'run_nocache'}", ""]))
-        env = job_env(c, STAGES="train", OVERRIDES_FILE=overrides)
+        env = job_env(c, STAGES="train", OVERRIDES_FILE=overrides, DPO_DIST_FETCH_DIR=work / "fetched", **s3.env)
         jobs[name] = c.sbatch("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
                               f"--chdir={REPO}", f"--output={work / name}.out", SBATCH, env=env)
     deadline = time.monotonic() + 300
