@@ -108,6 +108,25 @@ def write_shard(location, split: str, index: int, rows: list[dict]) -> dict:
     return table_entry(ipc.open_file(pa.BufferReader(payload)).read_all(), name, sha)
 
 
+def listed_shard(location, split: str, index: int, ids: str, present: dict[str, int]) -> dict | None:
+    """A complete shard `index` of `split` that the store holds but the manifest does not list (scoring
+    stopped between writing it and the manifest): its entry when its bytes match its name's checksum
+    prefix and it holds exactly the pairs whose ids_hash is `ids`. `present`: the split's listing."""
+    store = open_store(location)
+    for name in sorted(present):
+        parsed = shard_index(name)
+        if parsed is None or parsed[0] != index:
+            continue
+        payload = store.read(f"{split}/{name}")
+        sha = hashlib.sha256(payload or b"").hexdigest()
+        if payload is None or not sha.startswith(parsed[1]):
+            continue
+        entry = table_entry(ipc.open_file(pa.BufferReader(payload)).read_all(), name, sha)
+        if entry["ids_hash"] == ids:
+            return entry
+    return None
+
+
 def read_shard(path: Path) -> pa.Table:
     """Memory-mapped read: the OS pages the data in as it is used."""
     return ipc.open_file(pa.memory_map(str(path), "r")).read_all()

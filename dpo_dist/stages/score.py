@@ -295,29 +295,6 @@ class _Reuse:
         return self.index.rows(pairs) if len(self.index) else {}
 
 
-def _listed_shard(store, task: ShardTask, present: dict[str, int]) -> dict | None:
-    """A complete shard of this task that the store holds but the manifest does not list (scoring
-    stopped between writing it and the manifest): its entry when its bytes match its name's checksum
-    and it holds exactly the task's pairs."""
-    import hashlib
-
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    for name in sorted(present):
-        parsed = cache_mod.shard_index(name)
-        if parsed is None or parsed[0] != task.index:
-            continue
-        payload = store.read(f"{task.split}/{name}")
-        sha = hashlib.sha256(payload or b"").hexdigest()
-        if payload is None or not sha.startswith(parsed[1]):
-            continue
-        entry = cache_mod.table_entry(ipc.open_file(pa.BufferReader(payload)).read_all(), name, sha)
-        if entry["ids_hash"] == task.ids_hash:
-            return entry
-    return None
-
-
 def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster, actor_kwargs: dict,
               index: ReuseIndex, sources: list) -> ScoreResult:
     from torch.utils.tensorboard import SummaryWriter
@@ -366,7 +343,7 @@ def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster
                 result.skipped_shards += 1
                 progress.update(len(task.pairs))
                 continue
-            listed = _listed_shard(store, task, present[task.split])
+            listed = cache_mod.listed_shard(store, task.split, task.index, task.ids_hash, present[task.split])
             if listed is not None:
                 result.skipped_shards += 1
                 record(task, listed)
