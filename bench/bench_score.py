@@ -156,9 +156,9 @@ def main() -> int:
     written: list[tuple[str, float]] = []
     real_write = cache_mod.write_shard
 
-    def timed_write(path, rows):
-        entry = real_write(path, rows)
-        written.append((path.name, time.perf_counter()))
+    def timed_write(location, split, index, rows):
+        entry = real_write(location, split, index, rows)
+        written.append((entry["name"], time.perf_counter()))
         return entry
 
     cache_mod.write_shard = timed_write
@@ -176,7 +176,7 @@ def main() -> int:
     manifest = cache_mod.load_manifest(cache)
     entries = {e["name"]: e for e in manifest.shard_entries("train")}
     assert len(written) >= 2, "need at least 2 shards (one is the warm-up)"
-    assert [name for name, _ in written] == [cache_mod.shard_name(i) for i in range(len(written))]
+    assert [cache_mod.shard_index(name)[0] for name, _ in written] == list(range(len(written)))
     scorer_tokens = sum(entries[name]["real_tokens"] for name, _ in written[1:])
     scorer_seconds = written[-1][1] - written[0][1]
 

@@ -269,12 +269,11 @@ def _tampered_cache(work: Path, name: str, per_token: float) -> Path:
     shutil.copytree(work / "cache", bad)
     manifest = cache_mod.load_manifest(bad)
     for split in cache_mod.SPLITS:
-        for entry in manifest.shard_entries(split):
-            path = bad / split / entry["name"]
-            rows = cache_mod.read_shard(path).to_pylist()
+        for index, entry in manifest.splits[split]["shards"].items():
+            rows = cache_mod.read_shard(bad / split / entry["name"]).to_pylist()
             for r in rows:
                 r["ref_chosen_logps"] += per_token * r["chosen_num_tokens"]
-            entry.update(cache_mod.write_shard(path, rows))
+            entry.update(cache_mod.write_shard(bad, split, int(index), rows))  # a new name: its checksum changed
     manifest.save(bad)
     return bad
 
