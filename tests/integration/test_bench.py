@@ -136,7 +136,7 @@ def test_segment_attention_bench_times_both_paths(tiny_model, hh_path):
 
 
 def test_reuse_bench_scores_only_the_new_pairs_to_the_same_bytes(tiny_model, hh_path):
-    stdout = run_bench("bench_score_reuse.py", "--model", tiny_model, "--hh", hh_path, "--pairs", 24, "--shard-size", 8,
-                       "--max-length", 128, "--dtype", "float32")
-    assert re.search(r"^\| then all, same cache \| 24 \| 22 \| 2 \| [\d.]+ \|$", stdout, re.M), stdout
-    assert "pairs with identical value bytes: 24 of 24" in stdout, stdout
+    stdout = run_bench("bench_score_reuse.py", "--model", tiny_model, "--hh", hh_path, "--pairs", 20, "--shard-size", 8,
+                       "--max-length", 128, "--dtype", "float32", "--actors", 1)
+    assert re.search(r"^\| then all, same cache \| 20 \| 18 \| 2 \| [\d.]+ \|$", stdout, re.M), stdout
+    assert "pairs with identical value bytes: 20 of 20" in stdout, stdout

@@ -531,12 +531,3 @@ def test_grown_data_scores_only_the_new_pairs_and_gives_the_same_bytes(baseline,
     other = run_scoring(_cfg(tiny_model, synthetic_path, tmp_path / "other", *SYNTHETIC, f"score.reuse_from=[{cache}]"))
     assert other.scored_pairs == 0 and other.reused_pairs == 600
     assert shard_hashes(tmp_path / "other") == shard_hashes(baseline)
-
-
-def test_reuse_from_a_cache_of_other_values_scores_everything_and_says_why(baseline, tiny_model, synthetic_path, tmp_path, capsys):
-    """A cache scored with another max_length holds other values: named in score.reuse_from it is
-    left out, in one line that names the field, and every pair is scored."""
-    result = run_scoring(_cfg(tiny_model, synthetic_path, tmp_path / "cache", *SYNTHETIC, "data.max_samples=40",
-                              "data.max_length=384", f"score.reuse_from=[{baseline}]"))
-    assert result.scored_pairs == 40 and result.reused_pairs == 0
-    assert "data.max_length: 512 -> 384" in capsys.readouterr().out
