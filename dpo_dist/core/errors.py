@@ -27,7 +27,10 @@ def causes(error: BaseException):
 # (it hangs, or its node is unreachable): ours to explain in one line, not a page of DeepSpeed frames.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
               "NCCL communicator was aborted", "Connection refused")
-_PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeout", "timed out after")
+# gloo words a timeout either way: "Timed out waiting Nms" in the waiting call, or "Application timeout
+# caused pair closure" when the pair's own deadline closed it first (seen under load).
+_PEER_SILENT = ("Timed out waiting", "Application timeout caused pair closure",
+                "Watchdog caught collective operation timeout", "timed out after")
 
 
 def lost_contact(error: BaseException) -> str | None:
