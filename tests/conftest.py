@@ -63,7 +63,7 @@ FILE_SECONDS = {  # measured 2026-12-07 on a clean clone (539 tests, 1877 s of t
     "integration/test_real_model.py": 188, "integration/slurm/test_dpo_hh_sbatch.py": 161,
     "integration/slurm/test_paper_sbatch.py": 147, "integration/slurm/test_faults_sbatch.py": 142,
     "integration/slurm/test_dpo_sweep_sbatch.py": 101,
-    "integration/test_object_store.py": 85, "integration/test_sft.py": 61, "integration/test_demo.py": 54, "integration/test_generate.py": 28,
+    "integration/test_object_store.py": 100, "integration/test_sft.py": 61, "integration/test_demo.py": 54, "integration/test_generate.py": 28,
     "integration/test_judge.py": 17, "integration/slurm/test_slurm_cluster.py": 13, "unit/test_tokenize_real.py": 10,
     "integration/test_checkpoint_ranks.py": 8, "integration/test_lost_contact.py": 8, "unit/test_suite_net.py": 5,
 }

@@ -198,3 +198,19 @@ def test_store_faults_are_one_line_before_any_work(s3, tiny_model, synthetic_pat
     assert "not-the-secret" not in proc.stderr + proc.stdout
     assert not (tmp_path / "ray").exists()
     assert s3.keys(f"caches/{fault}") == {}
+
+
+def test_a_sweep_trains_its_runs_from_the_s3_cache(s3, scored, tiny_model, synthetic_path, tmp_path):
+    """`dpo-dist sweep` with cache_dir=s3://...: the cache is found ready (not rescored, the store
+    unchanged) and the run trains from it."""
+    url, _ = scored
+    before = s3.keys("caches/whole")
+    (tmp_path / "sweep.yaml").write_text(f"output_dir: {tmp_path / 'sweep'}\nruns:\n  b02: [loss.beta=0.2]\n")
+    proc = subprocess.run([*DPO, "sweep", str(tmp_path / "sweep.yaml"), *_overrides(
+        tiny_model, synthetic_path, url, tmp_path / "base", "train.max_steps=2", "train.micro_batch_size=2",
+        "train.num_procs=1", "train.sample_prompts=0", "export.enabled=false")],
+        capture_output=True, text=True, timeout=300, env=offline_env(DPO_DIST_FETCH_DIR=str(tmp_path / "fetched")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "scoring skipped" in proc.stdout and f"one cache {url}" in proc.stdout, proc.stdout[-3000:]
+    assert (tmp_path / "sweep" / "b02" / "final_metrics.json").is_file()
+    assert s3.keys("caches/whole") == before
