@@ -50,19 +50,37 @@ def _job_processes(conf: Path, node: str | None = None):
             yield p
 
 
+def _node_of(proc) -> str:
+    try:
+        return proc.environ().get("SLURMD_NODENAME", "?")
+    except psutil.Error:
+        return "?"
+
+
 def _kill_a_scoring_actor(c, cache: Path, job: str, deadline: float) -> str:
     """SIGKILL a RefScorer actor of the job while it scores a shard (one on n1 if there is one),
-    once the manifest lists a first shard. Returns the actor's node."""
+    once the manifest lists a first shard. Returns the actor's node.
+
+    Scoring the tiny model's shards takes a fraction of a second, so the tight part of the loop only
+    reads the manifest and the known actors' titles; the job's state (a Slurm command) and the scan
+    of every process for the actors (seconds on a loaded machine) run once a second."""
+    actors: list[tuple[str, object]] = []
+    rescan = 0.0
     while time.monotonic() < deadline:
-        assert c.state(job) in ("PENDING", "CONFIGURING", "RUNNING"), (c.job_info(job), c.logs())
-        if manifest_shards(cache) >= 1:
-            busy = [p for p in _job_processes(c.conf) if cmdline(p).startswith("ray::RefScorer.score")]
-            busy.sort(key=lambda p: p.environ().get("SLURMD_NODENAME") != "n1")
-            if busy:
-                node = busy[0].environ().get("SLURMD_NODENAME", "?")
-                os.kill(busy[0].pid, signal.SIGKILL)
-                return node
-        time.sleep(0.02)
+        if time.monotonic() >= rescan:
+            assert c.state(job) in ("PENDING", "CONFIGURING", "RUNNING"), (c.job_info(job), c.logs())
+            actors = sorted(((_node_of(p), p) for p in _job_processes(c.conf) if cmdline(p).startswith("ray::RefScorer")),
+                            key=lambda a: a[0] != "n1")
+            rescan = time.monotonic() + 1.0
+        if actors and manifest_shards(cache) >= 1:
+            for node, p in actors:
+                if cmdline(p).startswith("ray::RefScorer.score"):
+                    try:
+                        os.kill(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    return node
+        time.sleep(0.005)
     raise AssertionError("no busy scoring actor found: scoring ended (or never started) before the kill")
 
 
