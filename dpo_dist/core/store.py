@@ -14,8 +14,10 @@ checked as they arrive, one process per object at a time) and memory-mapped from
 
 Credentials come from the client's own chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
 ~/.aws/credentials, instance roles); `store.url` and every message show the bucket and prefix only.
-The endpoint of an S3-compatible server: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, or the URL's
-`?endpoint_override=http://host:port`.
+Google Cloud Storage: the application default credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+login, the metadata server). The endpoint of an S3-compatible server: AWS_ENDPOINT_URL_S3 or
+AWS_ENDPOINT_URL; of a GCS emulator: STORAGE_EMULATOR_HOST (anonymous, as Google's clients do); for
+either, the URL's `?endpoint_override=http://host:port` (with the usual credentials).
 """
 from __future__ import annotations
 
@@ -131,8 +133,11 @@ class ObjectStore:
         if parts.username or parts.password:
             raise StoreError(f"{self.url}: credentials in the URL are not read (they would reach logs and run.json); "
                              "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, instead")
-        self.endpoint = (query.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3")
-                         or os.environ.get("AWS_ENDPOINT_URL") or "") if self.scheme == "s3" else ""
+        if self.scheme == "s3":
+            self.endpoint = (query.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                             or os.environ.get("AWS_ENDPOINT_URL") or "")
+        else:  # STORAGE_EMULATOR_HOST: the variable Google's own clients read for a local server
+            self.endpoint = query.get("endpoint_override") or os.environ.get("STORAGE_EMULATOR_HOST") or ""
         self._query = query
         self._fs = None
 
@@ -155,7 +160,16 @@ class ObjectStore:
                     kwargs["region"] = region or "us-east-1"
                 self._fs = pafs.S3FileSystem(**kwargs)
             else:
-                self._fs = pafs.GcsFileSystem()
+                from datetime import timedelta
+
+                # a bounded retry: an unreachable endpoint is reported in seconds, not after 15 minutes
+                kwargs = dict(retry_time_limit=timedelta(seconds=20))
+                if self.endpoint:
+                    ep = urlsplit(self.endpoint if "://" in self.endpoint else f"http://{self.endpoint}")
+                    kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)
+                    # an emulator (STORAGE_EMULATOR_HOST) takes no credentials, as with Google's clients
+                    kwargs["anonymous"] = not self._query.get("endpoint_override")
+                self._fs = pafs.GcsFileSystem(**kwargs)
         return self._fs
 
     def key(self, rel: str) -> str:
@@ -172,7 +186,7 @@ class ObjectStore:
         except OSError as e:
             if isinstance(e, UserError):
                 raise
-            raise StoreError(f"{self.url}: {doing}: {explain(str(e), self.endpoint)}") from None
+            raise StoreError(f"{self.url}: {doing}: {explain(str(e), self.endpoint, self.scheme)}") from None
 
     def read(self, rel: str) -> bytes | None:
         import pyarrow.fs as pafs
@@ -202,7 +216,11 @@ class ObjectStore:
         import pyarrow.fs as pafs
 
         with self._errors("listing the prefix"):
-            selector = pafs.FileSelector(self.key(""), allow_not_found=True, recursive=False)
+            if self.scheme == "gs" and self.fs.get_file_info(self.bucket).type == pafs.FileType.NotFound:
+                raise OSError("NO_SUCH_BUCKET")  # GCS lists a missing bucket as empty
+            # GCS's listing shows the folders below a prefix only where the server returns them (its
+            # emulators do not): there, anything below counts
+            selector = pafs.FileSelector(self.key(""), allow_not_found=True, recursive=self.scheme == "gs")
             return any(True for _ in self.fs.get_file_info(selector))
 
     def delete(self, rel: str) -> None:
@@ -258,16 +276,17 @@ class ObjectStore:
         return store_dir() / "tb" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
 
 
-def explain(message: str, endpoint: str) -> str:
+def explain(message: str, endpoint: str, scheme: str = "s3") -> str:
     """What an S3/GCS client error means for the user, in a few words."""
     where = endpoint or "the default endpoint"
-    if "NETWORK_CONNECTION" in message or "curlCode" in message or "Could not resolve" in message:
-        return (f"cannot reach the object store at {where} (check AWS_ENDPOINT_URL or ?endpoint_override=, "
-                "and the network)")
+    if any(s in message for s in ("NETWORK_CONNECTION", "curlCode", "Could not resolve", "Could not connect")):
+        variable = "AWS_ENDPOINT_URL" if scheme == "s3" else "STORAGE_EMULATOR_HOST"
+        return f"cannot reach the object store at {where} (check {variable} or ?endpoint_override=, and the network)"
     if any(s in message for s in ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED",
-                                  "AccessDenied", "InvalidAccessKeyId", "403")):
-        return (f"access denied by {where}: check the credentials (AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and the bucket's policy")
+                                  "AccessDenied", "InvalidAccessKeyId", "403", "PERMISSION_DENIED", "UNAUTHENTICATED")):
+        credentials = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials" if scheme == "s3"
+                       else "GOOGLE_APPLICATION_CREDENTIALS or gcloud's application default login")
+        return f"access denied by {where}: check the credentials ({credentials}) and the bucket's policy"
     if "NO_SUCH_BUCKET" in message or "NoSuchBucket" in message:
         return "no such bucket (create it first)"
     return message.splitlines()[0][:300]

@@ -393,3 +393,32 @@ def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int) -
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
     return Engine(ds_engine)
+
+
+@dataclass
+class SequenceParallel:
+    """A rank's sequence-parallel group (DeepSpeed Ulysses): `size` ranks share each micro-batch's
+    row, rank `rank` of them runs its slice; `mpu` is DeepSpeed's parallel state for deepspeed.initialize."""
+
+    size: int
+    rank: int
+    group: Any
+    mpu: Any
+
+
+def sequence_parallel(model, size: int) -> SequenceParallel | None:
+    """Turn on DeepSpeed's Ulysses sequence parallelism (its UlyssesSPAttentionHF around this model's
+    segment attention) over groups of `size` consecutive ranks; None for size 1.
+
+    The wrapper exchanges q, k, v with an all-to-all so that each rank attends over the whole row
+    with size-th of the heads, and back. The model must run core.segments' attention (sdpa at load)."""
+    if size <= 1:
+        return None
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from dpo_dist.core.segments import SEGMENT_ATTENTION
+
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model, core_attn_implementation=SEGMENT_ATTENTION, sequence_parallel_size=size, micro_batch_size=1,
+        seq_length_is_variable=True)
+    return SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group(), mpu)

@@ -54,10 +54,6 @@ class ScoreResult:
 
 # ----------------------------------------------------------------------------- shard plan
 
-def _ids_hash(pairs: list[Pair]) -> str:
-    return cache_mod.ids_hash(p.id for p in pairs)
-
-
 def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int], shard_size: int) -> Iterator[ShardTask]:
     """Stream the sources and cut shards of `shard_size` pairs in source order; `done[split]` is set
     to the shard count at the end."""
@@ -67,7 +63,7 @@ def plan_shards(cfg: Config, reports: dict[str, DataReport], done: dict[str, int
     def flush(split: str) -> Iterator[ShardTask]:
         if buffers[split]:
             pairs, buffers[split] = buffers[split], []
-            yield ShardTask(split, counters[split], pairs, _ids_hash(pairs))
+            yield ShardTask(split, counters[split], pairs, cache_mod.ids_hash(p.id for p in pairs))
             counters[split] += 1
 
     for split, pair in iter_dataset(cfg.data, reports):
@@ -236,7 +232,6 @@ def run_scoring(cfg: Config) -> ScoreResult:
     data_identity(cfg.data)  # reads every pair once (then remembered): a bad source fails first, in seconds
     spec = training_cache(cfg)
     _tokenize_first_pairs(cfg, spec)
-    index = ReuseIndex(cache_mod.values_identity(spec.identity))
     for other in cfg.score.reuse_from:
         open_store(other).exists()
     cluster = connect_ray()
@@ -253,7 +248,7 @@ def run_scoring(cfg: Config) -> ScoreResult:
                         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                         truncation_mode=cfg.data.truncation_mode, token_budget=cfg.score.token_budget,
                         layout=cfg.model.layout, fused_head=cfg.model.fused_head)
-    return _dispatch(cfg, manifest, store, cluster, actor_kwargs, index, sources)
+    return _dispatch(cfg, manifest, store, cluster, actor_kwargs, _Reuse(cache_mod.values_identity(spec.identity), sources))
 
 
 def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
@@ -276,12 +271,14 @@ def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
 
 
 class _Reuse:
-    """The reuse sources, indexed on first need (a resumed cache with nothing new reads none of them)."""
+    """The reuse sources (this cache's kept views, then score.reuse_from), indexed on first need: a
+    resumed cache with nothing new reads none of them. Only values of `values_identity` are reused."""
 
-    def __init__(self, index: ReuseIndex, sources: list, say):
-        self.index, self.sources, self.say, self.ready = index, sources, say, not sources
+    def __init__(self, values_identity: dict, sources: list):
+        self.index, self.sources, self.ready = ReuseIndex(values_identity), sources, not sources
 
-    def rows(self, pairs) -> dict[int, dict]:
+    def rows(self, pairs, say) -> dict[int, dict]:
+        """Rows of `pairs` (by position) found in the sources; `say` prints a line above the progress bar."""
         if not self.ready:
             self.ready = True
             for store, manifest in self.sources:
@@ -290,13 +287,13 @@ class _Reuse:
                 else:
                     _, skipped = self.index.add_cache(store)
                     for line in skipped:
-                        self.say(f"[dpo-dist] score.reuse_from: {line}: not reused")
-            self.say(f"[dpo-dist] {len(self.index):,} scored pairs indexed for reuse")
+                        say(f"[dpo-dist] score.reuse_from: {line}: not reused")
+            say(f"[dpo-dist] {len(self.index):,} scored pairs indexed for reuse")
         return self.index.rows(pairs) if len(self.index) else {}
 
 
 def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster, actor_kwargs: dict,
-              index: ReuseIndex, sources: list) -> ScoreResult:
+              reuse: _Reuse) -> ScoreResult:
     from torch.utils.tensorboard import SummaryWriter
 
     result = ScoreResult(store.url)
@@ -304,7 +301,6 @@ def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster
     done: dict[str, int] = {}
     writer = SummaryWriter(str(store.tb_dir()))
     progress = progress_bar(estimate_rows(cfg), unit="pair", desc="scoring")
-    reuse = _Reuse(index, sources, progress.write)
     present = {split: store.list(split) for split in cache_mod.SPLITS}
     reused: dict[tuple[str, int], tuple[list[Pair], dict[int, dict]]] = {}  # a task's pairs and reused rows
     started = time.perf_counter()
@@ -349,7 +345,7 @@ def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster
                 record(task, listed)
                 progress.update(len(task.pairs))
                 continue
-            found = reuse.rows(task.pairs)
+            found = reuse.rows(task.pairs, progress.write)
             if len(found) == len(task.pairs):
                 write(task, task.pairs, found, None)
                 progress.update(len(task.pairs))

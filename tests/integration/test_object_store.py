@@ -1,5 +1,6 @@
 """Reference caches on object storage: a real S3 HTTP server on this machine (moto's standalone
-server, IAM authentication on), reached by pyarrow's S3 client over HTTP; nothing patched in process.
+server, IAM authentication on), reached by pyarrow's S3 client over HTTP, and a real GCS JSON-API
+server (gcp-storage-emulator) reached by pyarrow's GCS client; nothing patched in process.
 
     .venv/bin/python -m pytest -q tests/integration/test_object_store.py
 
@@ -19,10 +20,10 @@ import pytest
 
 from dpo_dist.cli import main as cli_main
 from dpo_dist.config import load_config
-from dpo_dist.core.cache import CacheError, load_manifest, open_cache
+from dpo_dist.core.cache import CachedSplit, CacheError, load_manifest, open_cache
 from dpo_dist.identity import training_cache
 from dpo_dist.stages.score import run_scoring
-from helpers import DPO, S3Server, offline_env, shard_hashes
+from helpers import DPO, GcsServer, S3Server, offline_env, shard_hashes
 
 pytestmark = pytest.mark.integration
 
@@ -214,3 +215,52 @@ def test_a_sweep_trains_its_runs_from_the_s3_cache(s3, scored, tiny_model, synth
     assert "scoring skipped" in proc.stdout and f"one cache {url}" in proc.stdout, proc.stdout[-3000:]
     assert (tmp_path / "sweep" / "b02" / "final_metrics.json").is_file()
     assert s3.keys("caches/whole") == before
+
+
+def test_a_gcs_cache_is_scored_verified_read_and_a_corrupted_object_named(baseline, tiny_model, synthetic_path, tmp_path,
+                                                                          monkeypatch, capsys):
+    """gs://: scoring writes the folder's bytes; `cache info --verify` and `cache ready` pass; the
+    trainer's reader fetches every shard once and reads the rows; a corrupted object is named by
+    --verify and refused by a node without a good copy."""
+    server = GcsServer(tmp_path / "gcs.log")
+    try:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("DPO_DIST_FETCH_DIR", str(tmp_path / "fetched"))
+        url = f"gs://{server.bucket}/caches/hh"
+        cfg = _cfg(tiny_model, synthetic_path, url, tmp_path / "run")
+        result = run_scoring(cfg)
+        assert result.scored_shards == len(baseline) and result.cache_dir == url
+        fs, manifest = server.fs(), load_manifest(url)
+        got = {}
+        for split in ("train", "eval"):
+            for index, entry in manifest.splits[split]["shards"].items():
+                with fs.open_input_stream(f"{server.bucket}/caches/hh/{split}/{entry['name']}") as f:
+                    assert hashlib.sha256(f.read()).hexdigest() == entry["sha256"]
+                got[(split, int(index))] = entry["sha256"]
+        assert got == baseline
+        capsys.readouterr()
+        assert cli_main(["cache", "info", url, "--verify"]) == 0
+        assert "verify: OK" in capsys.readouterr().out
+        assert cli_main(["cache", "ready", *_overrides(tiny_model, synthetic_path, url, tmp_path / "run")]) == 0
+        opened = open_cache(url, training_cache(cfg).identity)
+        rows = CachedSplit(url, "train", opened)
+        assert len(rows) == manifest.rows("train") and rows[0]["id"]
+        fetched = {p.stem for p in (tmp_path / "fetched").glob("*.arrow")}
+        assert fetched == {e["sha256"] for sp in ("train", "eval") for e in manifest.shard_entries(sp)}
+
+        entry = manifest.splits["train"]["shards"]["1"]
+        key = f"{server.bucket}/caches/hh/train/{entry['name']}"
+        with fs.open_input_stream(key) as f:
+            body = bytearray(f.read())
+        body[len(body) // 2] ^= 0xFF
+        with fs.open_output_stream(key) as f:
+            f.write(bytes(body))
+        capsys.readouterr()
+        assert cli_main(["cache", "info", url, "--verify"]) == 1
+        assert f"{url}/train/{entry['name']}: checksum mismatch" in capsys.readouterr().out
+        monkeypatch.setenv("DPO_DIST_FETCH_DIR", str(tmp_path / "fresh-node"))
+        with pytest.raises(CacheError, match=rf"{url}/train/{entry['name']}: checksum mismatch"):
+            open_cache(url, training_cache(cfg).identity)
+    finally:
+        server.stop()

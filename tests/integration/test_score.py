@@ -508,16 +508,30 @@ def test_a_corrupted_shard_is_named_refused_and_rescored_alone(baseline, tiny_mo
 
 # ----------------------------------------------------------------------------- scored pairs reused
 
+def _train(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
 def test_grown_data_scores_only_the_new_pairs_and_gives_the_same_bytes(baseline, tiny_model, synthetic_path, tmp_path):
     """Score the first 60 pairs, then all 600 into the same cache: only the pairs not scored before
     reach the reference model, every shard has the bytes of scoring all 600 at once, and the
-    60-pair view is kept (a run trained on it still finds its cache)."""
+    60-pair view is kept: a run trained on it to a checkpoint before the cache grew resumes."""
     from dpo_dist.pipeline import cache_ready
 
     cache = tmp_path / "cache"
     small = _cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_samples=60")
     first = run_scoring(small)
     assert first.scored_pairs == first.pairs == 60
+    # a run trained on the 60 pairs (one process, ZeRO stage 0), stopped after a checkpoint at step 2
+    run = tmp_path / "run60"
+    train = [str(VENV_BIN / "dpo-dist"), "train", *_overrides(tiny_model, synthetic_path, cache, *SYNTHETIC),
+             "data.max_samples=60", f"output_dir={run}", "train.num_procs=1", "train.micro_batch_size=4",
+             f"train.deepspeed_config={REPO}/ds_configs/zero0_bf16.json", "train.save_steps=2", "train.eval_steps=0",
+             "train.sample_prompts=0", "train.warmup_steps=0"]
+    _train(train + ["train.max_steps=2"])
     grown = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
     assert grown.pairs == 600 and grown.scored_pairs == 540, (grown.scored_pairs, grown.reused_pairs)
     assert shard_hashes(cache) == shard_hashes(baseline)
@@ -526,6 +540,10 @@ def test_grown_data_scores_only_the_new_pairs_and_gives_the_same_bytes(baseline,
     kept = open_cache(cache, small_id)
     assert kept.rows("train") + kept.rows("eval") == 60 and cache_ready(small)
     assert f"kept view: data train {small_id['data.train']}" in info_text(cache)
+    # the run on the 60 pairs resumes from its checkpoint on the grown cache (its view) and goes on
+    resumed = _train(train + ["train.max_steps=3", "--resume"])
+    assert "resuming at step 2" in resumed.stdout + resumed.stderr
+    assert json.loads((run / "final_metrics.json").read_text())["steps"] == 3
 
     # Another cache that names this one in score.reuse_from scores nothing.
     other = run_scoring(_cfg(tiny_model, synthetic_path, tmp_path / "other", *SYNTHETIC, f"score.reuse_from=[{cache}]"))

@@ -38,6 +38,7 @@ def test_derived_values():
     (["cache_dir=s3://KEY:SECRET@bucket/p"], "cache_dir=s3://bucket/p: credentials in the URL are not read"),
     (["cache_dir=s3:///prefix"], "cache_dir must be a folder or an s3://BUCKET/PREFIX"),
     (["score.reuse_from=[ftp://x/y]"], "score.reuse_from must be a list of cache folders or s3:// / gs:// URLs"),
+    (["score.reuse_from=[s3://KEY:SECRET@bucket/p]"], r"score.reuse_from=\['s3://bucket/p'\]: credentials in a URL are not read"),
     (["loss.params={gamma: [1"], r"override loss.params=\{gamma: \[1: invalid YAML value \("),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
