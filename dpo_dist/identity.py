@@ -172,6 +172,12 @@ def cache_names(cfg) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- runs
 
+def data_parallel(cfg, world_size: int) -> int:
+    """The ranks among which a global batch is divided: the world size over the sequence-parallel
+    size (a group of sequence-parallel ranks runs one micro-batch together)."""
+    return max(1, world_size // cfg.train.sequence_parallel_size)
+
+
 def run_identity(cfg, cache_id: dict, policy_weights: str, world_size: int, ds_config: dict) -> dict[str, Any]:
     """The result-changing config of a training run, with its cache's identity (prefixed `cache.`).
 
@@ -179,7 +185,7 @@ def run_identity(cfg, cache_id: dict, policy_weights: str, world_size: int, ds_c
     number of optimizer steps (max_steps, or epochs x steps per epoch).
     """
     t, loss, lora = cfg.train, cfg.loss, cfg.model.lora
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel(cfg, world_size)
     steps = t.max_steps or t.epochs * (pair_count(cache_id) // global_batch)
     identity = {f"cache.{k}": v for k, v in cache_id.items()}
     identity.update({
@@ -207,7 +213,7 @@ def sft_identity(cfg, tokenizer, base_weights: str, world_size: int, ds_config: 
 
     d, t, lora = cfg.data, cfg.sft_train(), cfg.sft.lora
     n_train = pair_count(data_identity(d))
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel(cfg, world_size)
     return {**data_identity(d), **tokenizer_identity(tokenizer),
             "data.max_length": d.max_length, "data.max_prompt_length": d.max_prompt_length,
             "data.truncation_mode": d.truncation_mode, "tokenize.version": TOKENIZE_VERSION,
@@ -271,7 +277,8 @@ def for_world(cfg, world_size: int, stage: str = "train", overwrite: bool = Fals
     run, t = record["identity"], cfg.sft_train() if section == "sft" else cfg.train
     accum, note = resumed_accumulation(section, run_global=run[f"{section}.global_batch"], run_micro=run[f"{section}.micro_batch_size"],
                                        started_accum=record["started"]["gradient_accumulation_steps"], micro=t.micro_batch_size,
-                                       accum=t.gradient_accumulation_steps, global_batch_size=t.global_batch_size, world=world_size)
+                                       accum=t.gradient_accumulation_steps, global_batch_size=t.global_batch_size,
+                                       world=data_parallel(cfg, world_size))
     if accum == t.gradient_accumulation_steps:
         return cfg, note
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), gradient_accumulation_steps=accum)}), note

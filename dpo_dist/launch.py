@@ -68,7 +68,29 @@ def preflight(cfg: Config, world_size: int, has_gpu: bool, stage: str = "dpo", o
     if stage_no not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"{t.deepspeed_config}: zero_optimization.stage must be 0, 1, 2 or 3; got {stage_no!r}")
     fill_ds_config(ds, t, world_size, hidden_size=1024, has_gpu=has_gpu, source=t.deepspeed_config)
+    if t.sequence_parallel_size > 1:
+        check_sequence_parallel(cfg, world_size)
     clear_stale_build_locks()
+
+
+def check_sequence_parallel(cfg: Config, world_size: int) -> None:
+    """train.sequence_parallel_size against the world size, the policy's attention heads and the
+    layout (core.packing.sequence_parallel_problem), in one line before any rank starts."""
+    from dpo_dist.config import ConfigError
+    from dpo_dist.core.packing import sequence_parallel_problem
+    from dpo_dist.models import attention_for, load_model_config, resolve_model_dir
+
+    from dpo_dist.core.segments import SEGMENT_ATTENTION
+
+    path = resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code)
+    mc = load_model_config(path, trust_remote_code=cfg.model.trust_remote_code)
+    text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
+    heads = getattr(text, "num_attention_heads", 1)
+    problem = sequence_parallel_problem(
+        cfg.train.sequence_parallel_size, world_size, heads, getattr(text, "num_key_value_heads", None) or heads,
+        cfg.model.layout, attention_for(mc, cfg.model.attn_implementation) == SEGMENT_ATTENTION)
+    if problem:
+        raise ConfigError(problem)
 
 
 def extension_build_root() -> Path:

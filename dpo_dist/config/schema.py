@@ -108,6 +108,7 @@ class TrainConfig:
     sample_max_new_tokens: int = opt(48, "Max new tokens of those samples.")
     step0_tolerance: Optional[float] = opt(None, "Max step-0 |policy - cached reference| log-prob difference per response token, pooled over the first micro-batch of every rank; null: the bound of the dtypes in play (1e-4 float32 vs float32, 0.02 with a 16-bit side; README, Step 0).")
     num_procs: Optional[int] = opt(None, "Processes for `dpo-dist train`: default one per GPU, else 2 on CPU.")
+    sequence_parallel_size: int = opt(1, "Ranks that share each micro-batch's row of tokens (DeepSpeed Ulysses sequence parallelism, SFT and DPO): each runs 1/N of the tokens and N-th of the attention heads; the world size must be a multiple of it, the data-parallel size is world / N (README, Long pairs).")
     collective_timeout_s: int = opt(1800, "Seconds a rank waits in a collective for the others before it fails the job (a rank that dies is noticed by torchrun at once; this bounds a rank that hangs).")
 
 

@@ -272,14 +272,16 @@ def layout_logps(model, batch: dict, fused: bool = True, chunk_size: int | None 
 
 
 def group_sum(local: torch.Tensor, group) -> torch.Tensor:
-    """The sum of `local` over a sequence-parallel group, whose gradient reaches this rank's own
-    part only: each rank's backward gives the gradient of its own tokens, and DeepSpeed, told of
-    the group (its `mpu`), sums the group's gradients and averages over data-parallel ranks only."""
+    """The sum of `local` over a sequence-parallel group (every rank gets the same values), whose
+    gradient reaches this rank's own part, times the group's size: DeepSpeed averages gradients over
+    all dp x size ranks (engines.deepspeed_engine.sequence_parallel), so the group's ranks add up to
+    its pairs' whole gradient once each, as a data-parallel rank's would."""
     import torch.distributed as tdist
 
     total = local.detach().clone()
     tdist.all_reduce(total, group=group)
-    return local + (total - local.detach())
+    scaled = local * tdist.get_world_size(group)
+    return total + (scaled - scaled.detach())  # the value is exactly `total`
 
 
 def to_device(batch: dict, device) -> dict:

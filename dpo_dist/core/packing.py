@@ -200,6 +200,28 @@ def pairs_layout(examples: Sequence[dict], layout: str, pad_token_id: int, capac
     return sequences_layout(sequences, layout, pad_token_id, capacity, pad_to_multiple_of, segment_attention)
 
 
+def sequence_parallel_problem(size: int, world: int, heads: int, kv_heads: int, layout: str, segments: bool) -> str | None:
+    """Why `size`-way sequence parallelism cannot run (one line), or None: the world splits into
+    groups of `size` ranks, the attention heads into `size` shares (DeepSpeed Ulysses exchanges whole
+    heads; key/value heads may instead be repeated), and the rows are one-row segment-attention batches."""
+    if size < 1:
+        return f"train.sequence_parallel_size must be >= 1, got {size}"
+    if size == 1:
+        return None
+    if world % size:
+        return (f"train.sequence_parallel_size={size} does not divide the world size {world} "
+                f"(processes: train.num_procs or one per GPU, times the nodes)")
+    if heads % size:
+        return f"train.sequence_parallel_size={size} does not divide the model's {heads} attention heads"
+    if kv_heads % size and size % kv_heads:
+        return (f"train.sequence_parallel_size={size} and the model's {kv_heads} key/value heads: one must divide "
+                "the other")
+    if layout == "padded" or not segments:
+        return ("train.sequence_parallel_size > 1 runs one-row packed or shared batches with segment attention: "
+                "set model.layout to shared or packed and model.attn_implementation to sdpa (on a llama-family model)")
+    return None
+
+
 def sequence_shard(batch: dict, rank: int, size: int) -> dict:
     """Rank `rank`'s contiguous 1/`size` of a one-row segment-attention batch, for sequence
     parallelism (DeepSpeed Ulysses: each rank runs its slice of the row through the model, and the
@@ -224,3 +246,11 @@ def sequence_shard(batch: dict, rank: int, size: int) -> dict:
                 target_seq=batch["target_seq"][mine],
                 seq_tokens=torch.bincount(batch["target_seq"], minlength=batch["num_seqs"]),
                 tokens=max(0, min(hi, batch["tokens"]) - lo))  # real tokens: the row's padding is at its end
+
+
+def on_ranks(batch: dict, sp) -> dict:
+    """`batch` as this rank runs it: whole without sequence parallelism (sp None), else its slice
+    (sequence_shard) with the group whose log-probs it sums (`sp`: size, rank, group)."""
+    if sp is None:
+        return batch
+    return {**sequence_shard(batch, sp.rank, sp.size), "sp_group": sp.group}

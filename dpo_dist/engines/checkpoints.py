@@ -247,7 +247,8 @@ def universal(folder: Path, step: int, was: int, announce: str = "") -> float | 
     return time.perf_counter() - started
 
 
-def for_world(ckpt_dir: Path, step: int, world: int, micro: int, accumulation: int, ds_config: dict) -> tuple[bool, str | None]:
+def for_world(ckpt_dir: Path, step: int, world: int, micro: int, accumulation: int, ds_config: dict,
+              sp_size: int = 1) -> tuple[bool, str | None]:
     """Rank 0, before checkpoint step-N is resumed on `world` ranks with this micro batch and
     accumulation: (load it as a universal checkpoint?, a summary line when the world size changed).
     ZeRO stage 0 holds the whole state in one file: loaded as it is. ZeRO-1/2/3 shard it by rank:
@@ -257,8 +258,8 @@ def for_world(ckpt_dir: Path, step: int, world: int, micro: int, accumulation: i
     zero = ds_config.get("zero_optimization", {})
     if was is None or was == world:
         return False, None
-    global_batch = micro * accumulation * world
-    head = (f"resuming step {step} of world {was} on world {world}: accumulation {global_batch // (micro * was)} -> "
+    global_batch = micro * accumulation * (world // sp_size)
+    head = (f"resuming step {step} of world {was} on world {world}: accumulation {global_batch * sp_size // (micro * was)} -> "
             f"{accumulation} (global batch {global_batch} kept)")
     if zero.get("stage", 0) == 0:
         return False, f"{head}, ZeRO stage 0 holds the whole state on every rank: loaded as it is"

@@ -36,17 +36,21 @@ def _fill(node: dict, key: str, value: Any, where: str) -> None:
 
 def fill_ds_config(ds: dict, train: TrainConfig, world_size: int, hidden_size: int, has_gpu: bool,
                    source: str = "deepspeed config") -> dict:
-    """A filled copy of the DeepSpeed config; raises BatchArithmeticError on inconsistent batch sizes."""
+    """A filled copy of the DeepSpeed config; raises BatchArithmeticError on inconsistent batch sizes.
+    With sequence parallelism a global batch is divided among world / sequence_parallel_size ranks."""
     ds = copy.deepcopy(ds)
-    micro, accum = train.micro_batch_size, train.gradient_accumulation_steps
-    global_batch = micro * accum * world_size
+    micro, accum, sp = train.micro_batch_size, train.gradient_accumulation_steps, train.sequence_parallel_size
+    global_batch = micro * accum * (world_size // sp)
     if train.global_batch_size is not None and train.global_batch_size != global_batch:
+        ranks = f"world size {world_size}" if sp == 1 else f"data-parallel ranks {world_size // sp} (world {world_size} / sequence parallel {sp})"
         raise BatchArithmeticError(
             f"train.global_batch_size={train.global_batch_size} but micro_batch_size {micro} x "
-            f"gradient_accumulation_steps {accum} x world size {world_size} = {global_batch}")
+            f"gradient_accumulation_steps {accum} x {ranks} = {global_batch}")
     _fill(ds, "train_micro_batch_size_per_gpu", micro, source)
     _fill(ds, "gradient_accumulation_steps", accum, source)
     _fill(ds, "train_batch_size", global_batch, source)
+    if sp > 1:  # DeepSpeed sees every rank as data-parallel (see sequence_parallel): its own count
+        ds["train_batch_size"] = micro * accum * world_size
     _fill(ds, "gradient_clipping", train.max_grad_norm, source)
     opt = ds.get("optimizer", {}).get("params", {})
     for key, value in (("lr", train.lr), ("betas", list(train.adam_betas)), ("weight_decay", train.weight_decay),
@@ -81,15 +85,27 @@ class Dist:
     local_rank: int
     world_size: int
     device: str
+    sp_size: int = 1  # ranks per sequence-parallel group: consecutive ranks share each micro-batch
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: the ranks of a sequence-parallel group read the same pairs."""
+        return self.rank // self.sp_size
 
-def compute_init(timeout_s: int = 1800) -> Dist:
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel ranks: the world size of the batch arithmetic (micro x accumulation x dp_world)."""
+        return self.world_size // self.sp_size
+
+
+def compute_init(timeout_s: int = 1800, sp_size: int = 1) -> Dist:
     """Initialise torch.distributed from the torchrun environment (NCCL on GPU, gloo on CPU); a
-    collective that waits longer than `timeout_s` for another rank fails."""
+    collective that waits longer than `timeout_s` for another rank fails. `sp_size`: ranks per
+    sequence-parallel group (the world size is a multiple of it: checked before launch)."""
     from datetime import timedelta
 
     import deepspeed
@@ -111,7 +127,14 @@ def compute_init(timeout_s: int = 1800) -> Dist:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if device != "cpu" else "gloo", verbose=False,
                                timeout=timedelta(seconds=timeout_s))
-    return Dist(rank, local_rank, world, device)
+    if world % sp_size:
+        raise ValueError(f"world size {world} is not a multiple of train.sequence_parallel_size={sp_size}")
+    return Dist(rank, local_rank, world, device, sp_size)
+
+
+def sp_note(dist: Dist) -> str:
+    """", sequence parallel N (D data-parallel ranks)" for the announce lines, "" without."""
+    return f", sequence parallel {dist.sp_size} x {dist.dp_world} data-parallel" if dist.sp_size > 1 else ""
 
 
 def compute_shutdown() -> None:
@@ -143,11 +166,12 @@ def all_reduce(values: dict[str, float], dist: Dist, op: str = "mean") -> dict[s
 def rank_rounds(num_batches: int, dist: Dist) -> list[int | None]:
     """This rank's share of `num_batches` evaluation batches, padded with None so that every rank
     runs the same number of forwards (ZeRO-3 gathers weights collectively: a rank that stops early
-    would hang the others). The caller runs a throw-away forward for each None."""
+    would hang the others). The caller runs a throw-away forward for each None. The ranks of a
+    sequence-parallel group get the same batches (each runs its slice of them)."""
     import math
 
-    mine: list[int | None] = list(range(dist.rank, num_batches, dist.world_size))
-    return mine + [None] * (math.ceil(num_batches / dist.world_size) - len(mine))
+    mine: list[int | None] = list(range(dist.dp_rank, num_batches, dist.dp_world))
+    return mine + [None] * (math.ceil(num_batches / dist.dp_world) - len(mine))
 
 
 def barrier(dist: Dist) -> None:
@@ -233,6 +257,7 @@ class Engine:
 
     def __init__(self, ds_engine):
         self.ds = ds_engine
+        self.sp: SequenceParallel | None = None  # this rank's sequence-parallel group, if any
 
     @property
     def module(self):
@@ -380,7 +405,7 @@ def _import_muon_uncompiled() -> None:
             os.environ["TORCHDYNAMO_DISABLE"] = saved
 
 
-def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int) -> Engine:
+def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int, sp: "SequenceParallel | None" = None) -> Engine:
     import deepspeed
     import torch
 
@@ -392,18 +417,19 @@ def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int) -
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-    return Engine(ds_engine)
+    engine = Engine(ds_engine)
+    engine.sp = sp
+    return engine
 
 
 @dataclass
 class SequenceParallel:
-    """A rank's sequence-parallel group (DeepSpeed Ulysses): `size` ranks share each micro-batch's
-    row, rank `rank` of them runs its slice; `mpu` is DeepSpeed's parallel state for deepspeed.initialize."""
+    """A rank's sequence-parallel group (DeepSpeed Ulysses): `size` consecutive ranks share each
+    micro-batch's row, rank `rank` of them runs its slice."""
 
     size: int
     rank: int
     group: Any
-    mpu: Any
 
 
 def sequence_parallel(model, size: int) -> SequenceParallel | None:
@@ -411,7 +437,12 @@ def sequence_parallel(model, size: int) -> SequenceParallel | None:
     segment attention) over groups of `size` consecutive ranks; None for size 1.
 
     The wrapper exchanges q, k, v with an all-to-all so that each rank attends over the whole row
-    with size-th of the heads, and back. The model must run core.segments' attention (sdpa at load)."""
+    with size-th of the heads, and back. The model must run core.segments' attention (sdpa at load).
+
+    The engine itself is not told of the groups: DeepSpeed sees every rank as data-parallel and
+    averages gradients over all of them, the same way in each of its reduction paths (given Ulysses'
+    `mpu`, ZeRO-3's reduce-scatter path and its all-reduce path scale them differently in 0.19).
+    core.logps.group_sum gives each rank `size` times its own tokens' gradient for that average."""
     if size <= 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -421,4 +452,4 @@ def sequence_parallel(model, size: int) -> SequenceParallel | None:
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model, core_attn_implementation=SEGMENT_ATTENTION, sequence_parallel_size=size, micro_batch_size=1,
         seq_length_is_variable=True)
-    return SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group(), mpu)
+    return SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group())

@@ -4,7 +4,7 @@ injection) and the checkpoint state. Each stage passes what is its own: identity
 
     prep, gone = on_main(dist, lambda: claim_run_folder(out, identity, resume, overwrite, what="SFT", ...))
     hashed = checkpoints.hashed_by_ranks(out / CKPT, dist) if resume else {}
-    latest, universal, notes = on_main(dist, lambda: resume_point(out / CKPT, notes, gone, resume, hashed, t, world, adjusted))
+    latest, universal, notes = on_main(dist, lambda: resume_point(out / CKPT, notes, gone, resume, hashed, t, dist, adjusted))
     built = build_policy(cfg.model, lora, t, model_dir, dist, total, out, resume_step, universal)
     metrics, done, stopped = run_loop(Loop(...), stop)
 """
@@ -19,7 +19,7 @@ from dpo_dist.core.sampler import BatchPlan
 from dpo_dist.engines import checkpoints
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
 from dpo_dist.core.ds_json import load_ds_json, precision
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, build_engine, fill_ds_config
+from dpo_dist.engines.deepspeed_engine import Dist, Engine, build_engine, fill_ds_config, sequence_parallel
 
 CKPT = "checkpoints"
 
@@ -51,7 +51,7 @@ def claim_run_folder(out: Path, identity: dict, resume: bool, overwrite: bool, *
 
 
 def resume_point(ckpt_dir: Path, notes: list[str], gone: list[str], resume: bool, hashed: dict[str, str],
-                 t, world: int, adjusted: str | None = None,
+                 t, dist: Dist, adjusted: str | None = None,
                  finished: Callable[[int | None], bool] = lambda latest: False) -> tuple[int | None, bool, list[str]]:
     """Rank 0: damaged checkpoints set aside (with the ranks' digests); (latest complete step, load it
     as a universal checkpoint?, notes). Unless the run is `finished` at that step, a checkpoint of
@@ -68,8 +68,8 @@ def resume_point(ckpt_dir: Path, notes: list[str], gone: list[str], resume: bool
                      + (f"step-{latest}" if latest is not None else "the start"))
     universal, summary = False, None
     if resume and latest is not None and not finished(latest):
-        universal, summary = checkpoints.for_world(ckpt_dir, latest, world, t.micro_batch_size, t.gradient_accumulation_steps,
-                                                   load_ds_json(t.deepspeed_config))
+        universal, summary = checkpoints.for_world(ckpt_dir, latest, dist.world_size, t.micro_batch_size, t.gradient_accumulation_steps,
+                                                   load_ds_json(t.deepspeed_config), dist.sp_size)
     notes += [summary or adjusted] if summary or adjusted else []
     return latest, universal, notes
 
@@ -104,7 +104,7 @@ def build_policy(model_cfg, lora, t, model_dir: Path, dist: Dist, total_steps: i
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     torch.manual_seed(t.seed)
     model, keep = load_policy(model_cfg, lora, model_dir, ds_config)
-    engine = build_engine(model, ds_config, t, total_steps)
+    engine = build_engine(model, ds_config, t, total_steps, sequence_parallel(model, dist.sp_size))
     start = 0
     if resume_step:
         folder = out / CKPT / f"step-{resume_step}"
@@ -176,7 +176,7 @@ def run_loop(loop: Loop, stop: StopFlag) -> tuple[dict, int, bool]:
             epoch, in_epoch = divmod(step, loop.plan.steps_per_epoch)
             if epoch not in epoch_plan:
                 epoch_plan = {epoch: loop.plan.epoch_micro_batches(epoch, loop.lengths)}
-            metrics = loop.step(step, loop.plan.rank_step(epoch_plan[epoch], in_epoch, dist.rank))
+            metrics = loop.step(step, loop.plan.rank_step(epoch_plan[epoch], in_epoch, dist.dp_rank))
             done = step + 1
             if done % t.logging_steps == 0 or done == loop.total_steps:
                 loop.writer.add_scalars_dict(loop.tag, metrics, done)

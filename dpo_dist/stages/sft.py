@@ -26,7 +26,7 @@ from dpo_dist.core.sampler import BatchPlan
 from dpo_dist.core.tokenize import pad_token_id
 from dpo_dist.engines import checkpoints, trainer
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
-from dpo_dist.engines.deepspeed_engine import Dist, all_reduce, compute_init, on_main, rank_rounds
+from dpo_dist.engines.deepspeed_engine import Dist, all_reduce, compute_init, on_main, rank_rounds, sp_note
 from dpo_dist.engines.policy import export_model
 from dpo_dist.engines.trainer import CKPT
 FINAL = "final_metrics.json"
@@ -99,7 +99,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
     return SFTPrepared(base_dir, tokenizer_dir, identity, None, False, accum, adjusted, notes=notes), gone
 
 
-def _resume_point_main(cfg: Config, world_size: int, prep: SFTPrepared, gone: list[str], resume: bool,
+def _resume_point_main(cfg: Config, dist: Dist, prep: SFTPrepared, gone: list[str], resume: bool,
                        hashed: dict[str, str]) -> SFTPrepared:
     """Rank 0: the step to resume at (damaged checkpoints set aside; one of another world size made
     loadable here), and whether SFT is already complete."""
@@ -108,7 +108,7 @@ def _resume_point_main(cfg: Config, world_size: int, prep: SFTPrepared, gone: li
     def ended(latest: int | None) -> bool:
         return resume and latest == steps and ended_at(cfg, steps)
 
-    latest, universal, notes = trainer.resume_point(cfg.sft_dir() / CKPT, prep.notes, gone, resume, hashed, t, world_size,
+    latest, universal, notes = trainer.resume_point(cfg.sft_dir() / CKPT, prep.notes, gone, resume, hashed, t, dist,
                                                     prep.adjusted, ended)
     latest = latest if resume else None
     return replace(prep, resume_step=latest, finished=ended(latest), universal=universal, notes=notes)
@@ -135,9 +135,11 @@ def sft_forward(engine, sequences: list, pad_id: int, device: str, model_cfg):
     """(loss, response tokens, all tokens) of one micro-batch, in model_cfg's layout (sequences: shared = packed)."""
     from dpo_dist.core.logps import layout_logps, segment_attention_on, to_device
     from dpo_dist.core.loss import sft_loss
-    from dpo_dist.core.packing import sequences_layout
+    from dpo_dist.core.packing import on_ranks, sequences_layout
 
-    batch = sequences_layout(sequences, model_cfg.layout, pad_id, segment_attention=segment_attention_on(engine))
+    sp = getattr(engine, "sp", None)  # sequence parallelism: this rank's slice of the row
+    batch = on_ranks(sequences_layout(sequences, model_cfg.layout, pad_id, segment_attention=segment_attention_on(engine),
+                                      pad_to_multiple_of=sp.size if sp else None), sp)
     logps, counts = layout_logps(engine, to_device(batch, device), fused=model_cfg.fused_head)  # (B,), (B,)
     return sft_loss(logps, counts), int(counts.sum()), batch["tokens"]
 
@@ -167,11 +169,11 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Prepare (checks), build, train, export. Returns the final metrics (or {"stopped_early": True})."""
     from dpo_dist.models import load_tokenizer
 
-    dist = compute_init(cfg.train.collective_timeout_s)
+    dist = compute_init(cfg.train.collective_timeout_s, cfg.train.sequence_parallel_size)
     prep, gone = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
     # Only once the run folder is accepted: every rank hashes its files of the newest checkpoint
     hashed = checkpoints.hashed_by_ranks(cfg.sft_dir() / CKPT, dist) if resume else {}
-    prep = on_main(dist, lambda: _resume_point_main(cfg, dist.world_size, prep, gone, resume, hashed))
+    prep = on_main(dist, lambda: _resume_point_main(cfg, dist, prep, gone, resume, hashed))
     cfg = replace(cfg, sft=replace(cfg.sft, gradient_accumulation_steps=prep.accumulation))
     out = cfg.sft_dir()
     if prep.finished:
@@ -185,7 +187,7 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         tokenizer = load_tokenizer(prep.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
         pad_id = pad_token_id(tokenizer)
         data = sft_sequences(cfg, tokenizer)
-        plan = BatchPlan(len(data["train"]), t.micro_batch_size, t.gradient_accumulation_steps, dist.world_size, t.seed)
+        plan = BatchPlan(len(data["train"]), t.micro_batch_size, t.gradient_accumulation_steps, dist.dp_world, t.seed)
         if plan.steps_per_epoch == 0:
             raise UserError(f"{len(data['train'])} SFT sequences do not fill one global batch of {plan.global_batch}")
         total = prep.identity["sft.steps"]
@@ -195,9 +197,9 @@ def sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             for note in prep.notes:
                 print(f"[dpo-dist] {note}", flush=True)
             atomic_write_text(out / "config.yaml", to_yaml(cfg))
-            print(f"[dpo-dist] SFT: world {dist.world_size} ({dist.device}), {len(data['train'])} train / "
+            print(f"[dpo-dist] SFT: world {dist.world_size} ({dist.device}{sp_note(dist)}), {len(data['train'])} train / "
                   f"{len(data['eval'])} eval sequences; per step {plan.global_batch} = micro {t.micro_batch_size} x accum "
-                  f"{t.gradient_accumulation_steps} x world {dist.world_size}; {total} steps"
+                  f"{t.gradient_accumulation_steps} x {'data-parallel ranks' if dist.sp_size > 1 else 'world'} {dist.dp_world}; {total} steps"
                   + (f"; resuming at step {start}" if start else ""), flush=True)
 
         def one_step(step: int, micro_batches: list[list[int]]) -> dict:

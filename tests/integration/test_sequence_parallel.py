@@ -1,6 +1,11 @@
-"""Sequence parallelism (DeepSpeed Ulysses around segment attention) on a real 2-process gloo group:
-pairs of a few thousand tokens on a tiny llama with several heads. Per-pair log-probs and every
-parameter's gradient of a 2-way split equal the unsplit computation in the same processes (float32)."""
+"""Sequence parallelism (DeepSpeed Ulysses around segment attention) on real 2-process gloo groups, a
+tiny llama with 4 attention heads:
+
+- rows of 4-7k tokens (pairs of a few thousand): per-pair log-probs and every parameter's gradient of
+  a 2-way split equal the unsplit computation in the same processes (float32);
+- `dpo-dist train` with train.sequence_parallel_size=2 on 2 ranks (ZeRO-3) has the per-step losses of
+  the same run unsplit on 1 rank.
+"""
 import json
 import os
 import socket
@@ -10,6 +15,7 @@ import sys
 import pytest
 
 from dpo_dist.fixtures.tiny import write_tiny_model
+from helpers import DPO, REPO, offline_env, scalars
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +52,9 @@ sp = sequence_parallel(model, 2)
 batch = sequence_shard(pairs_layout(rows, layout, 0, segment_attention=True, pad_to_multiple_of=2), sp.rank, sp.size)
 batch["sp_group"] = sp.group
 split = run(batch)
-for g in split[2].values():
-    torch.distributed.all_reduce(g, group=sp.group)  # what DeepSpeed's reduction sums over the group
+for g in split[2].values():  # DeepSpeed's reduction: the mean over the ranks (it sees them as data-parallel)
+    torch.distributed.all_reduce(g)
+    g.div_(dist.world_size)
 report = {"rank": sp.rank, "width": int(batch["input_ids"].shape[1]), "targets": int(batch["target_pos"].numel()),
           "all_targets": int(whole[1].sum()),
           "logps_whole": whole[0].tolist(), "logps_split": split[0].tolist(),
@@ -95,3 +102,49 @@ def test_a_two_way_split_gives_the_unsplit_logps_and_gradients(long_model, tmp_p
         assert r["counts_equal"]
         assert r["logps_split"] == pytest.approx(whole, rel=1e-5)
         assert r["grad_rel"] < 1e-5, r["grad_rel"]
+
+
+@pytest.fixture(scope="module")
+def sp_work(long_model, synthetic_path, tmp_path_factory, ray_cluster):
+    """A float32 cache of 64 synthetic pairs scored with the 4-head model, and a float32 ZeRO-3 JSON."""
+    from dpo_dist.config import load_config
+    from dpo_dist.stages.score import run_scoring
+
+    d = tmp_path_factory.mktemp("sp_work")
+    ds = json.loads((REPO / "ds_configs" / "zero3_bf16.json").read_text())
+    ds["bf16"] = {"enabled": False}
+    (d / "zero3_fp32.json").write_text(json.dumps(ds))
+    run_scoring(load_config(None, _overrides(d, long_model, synthetic_path)))
+    return d
+
+
+def _overrides(d, model, data, *more) -> list[str]:
+    return [f"model.name_or_path={model}", f"data.train={data}", "data.max_samples=64", "data.eval_fraction=0.125",
+            f"cache_dir={d / 'cache'}", "score.dtype=float32", "score.cpu_actors=1", f"output_dir={d / 'run'}",
+            f"train.deepspeed_config={d / 'zero3_fp32.json'}", "train.micro_batch_size=4", "train.lr=1e-3",
+            "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train.seed=5", "export.enabled=false",
+            "model.layout=shared", *more]
+
+
+def _train(d, model, data, run: str, *more) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*DPO, "train", *_overrides(d, model, data, f"output_dir={d / run}", *more)], cwd=d,
+                          capture_output=True, text=True, timeout=600, env=offline_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_a_dpo_run_split_over_two_ranks_has_the_unsplit_run_s_losses(sp_work, long_model, synthetic_path):
+    """DPO with ZeRO-3 (float32): sequence parallel 2 on 2 ranks (one data-parallel rank) against 1
+    rank unsplit, the same global batch of 8: per-step losses, margins and gradient norms, and the
+    eval metrics, agree to float tolerance."""
+    one = _train(sp_work, long_model, synthetic_path, "run1", "train.num_procs=1", "train.gradient_accumulation_steps=2")
+    two = _train(sp_work, long_model, synthetic_path, "run2", "train.num_procs=2", "train.gradient_accumulation_steps=2",
+                 "train.sequence_parallel_size=2")
+    assert "sequence parallel 2 x 1 data-parallel" in two.stdout and "x data-parallel ranks 1" in two.stdout, two.stdout[-2000:]
+    got, want = scalars(sp_work / "run2" / "tb"), scalars(sp_work / "run1" / "tb")
+    for tag in ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/grad_norm", "eval/rewards/margins"):
+        assert sorted(got[tag]) == sorted(want[tag]) and got[tag], tag
+        for step in want[tag]:
+            assert got[tag][step] == pytest.approx(want[tag][step], rel=1e-5, abs=1e-6), (tag, step)
+    # the losses moved: the comparison is not of two untrained runs
+    assert abs(want["train/loss"][4] - want["train/loss"][1]) > 1e-3

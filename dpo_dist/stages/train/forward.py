@@ -16,10 +16,12 @@ def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared", 
     import torch
 
     from dpo_dist.core.logps import segment_attention_on, to_device
-    from dpo_dist.core.packing import pairs_layout
+    from dpo_dist.core.packing import on_ranks, pairs_layout
 
     segments = engine is not None and segment_attention_on(engine)
-    batch = to_device(pairs_layout(rows, layout, pad_id, segment_attention=segments), device)
+    sp = getattr(engine, "sp", None)  # sequence parallelism: this rank's slice of the row
+    batch = pairs_layout(rows, layout, pad_id, segment_attention=segments, pad_to_multiple_of=sp.size if sp else None)
+    batch = to_device(on_ranks(batch, sp), device)
     if first_step and batch.get("spans") is not None:
         batch["spans"].sdpa = True
     batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32, device=device)

@@ -18,7 +18,8 @@ from dpo_dist.core.errors import UserError
 from dpo_dist.core.metrics import flatten, memory_gb, mfu, peak_tflops
 from dpo_dist.engines import checkpoints, trainer
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, compute_init, local_param_fraction, on_main, param_counts
+from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, compute_init, local_param_fraction, on_main,
+                                               param_counts, sp_note)
 from dpo_dist.engines.policy import export_model
 from dpo_dist.engines.trainer import CKPT
 from dpo_dist.core.sampler import BatchPlan
@@ -66,7 +67,7 @@ def prepare(cfg: Config, dist: Dist, resume: bool, overwrite: bool) -> Prepared:
     prepared, gone = on_main(dist, lambda: _prepare_main(cfg, dist.world_size, resume, overwrite))
     # Only once the run folder is accepted: every rank hashes its files of the newest checkpoint
     hashed = checkpoints.hashed_by_ranks(Path(cfg.output_dir) / CKPT, dist) if resume else {}
-    return on_main(dist, lambda: _resume_point_main(cfg, dist.world_size, prepared, gone, resume, hashed))
+    return on_main(dist, lambda: _resume_point_main(cfg, dist, prepared, gone, resume, hashed))
 
 
 def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -> tuple[Prepared, list[str]]:
@@ -89,7 +90,7 @@ def _prepare_main(cfg: Config, world_size: int, resume: bool, overwrite: bool) -
                     None, False, accum, adjusted, notes=notes, cache_identity=spec.identity), gone
 
 
-def _resume_point_main(cfg: Config, world_size: int, prepared: Prepared, gone: list[str], resume: bool,
+def _resume_point_main(cfg: Config, dist: Dist, prepared: Prepared, gone: list[str], resume: bool,
                        hashed: dict[str, str]) -> Prepared:
     """Rank 0: the step to resume at (damaged checkpoints set aside; one of another world size made
     loadable here), and whether the run is already complete."""
@@ -101,7 +102,7 @@ def _resume_point_main(cfg: Config, world_size: int, prepared: Prepared, gone: l
         return (resume and latest == prepared.identity["train.steps"] and final.exists()
                 and (not cfg.export.enabled or cfg.export_dir().exists()))
 
-    latest, universal, notes = trainer.resume_point(out_dir / CKPT, prepared.notes, gone, resume, hashed, t, world_size,
+    latest, universal, notes = trainer.resume_point(out_dir / CKPT, prepared.notes, gone, resume, hashed, t, dist,
                                                     prepared.adjusted, ended)
     finished = ended(latest)
     if final.exists() and not finished:  # training on past an earlier end: that end's metrics are kept aside
@@ -117,7 +118,7 @@ def log_samples(run: "Run", step: int) -> None:
     from dpo_dist.core.sampling import generate_ids, stop_token_ids
 
     n = min(run.cfg.train.sample_prompts, len(run.eval_split))
-    if n == 0:
+    if n == 0 or run.dist.sp_size > 1:  # generation runs no sequence-parallel attention (announce says so)
         return
     prompts = [run.eval_split[i]["prompt_input_ids"] for i in range(n)]
     module = run.engine.module
@@ -176,10 +177,10 @@ def build(cfg: Config, dist: Dist, prepared: Prepared) -> Run:
     train_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "train", manifest)
     eval_split = cache_mod.CachedSplit(cfg.resolved_cache_dir(), "eval", manifest)
     t = cfg.train
-    plan = BatchPlan(len(train_split), t.micro_batch_size, t.gradient_accumulation_steps, dist.world_size, t.seed)
+    plan = BatchPlan(len(train_split), t.micro_batch_size, t.gradient_accumulation_steps, dist.dp_world, t.seed)
     if plan.steps_per_epoch == 0:
         raise UserError(f"{len(train_split)} training pairs do not fill one global batch of {plan.global_batch} "
-                        f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world {dist.world_size})")
+                        f"(micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x {_ranks(dist)})")
     total_steps = prepared.identity["train.steps"]
     built = trainer.build_policy(cfg.model, cfg.model.lora, t, prepared.policy_dir, dist, total_steps, Path(cfg.output_dir),
                                  prepared.resume_step, prepared.universal)
@@ -203,16 +204,23 @@ def announce(run: Run) -> None:
     lengths = run.train_split.lengths()
     mean_len = sum(lengths) / max(len(lengths), 1)
     stage = run.prepared.identity["train.zero_stage"]
-    print(f"[dpo-dist] world {dist.world_size} ({dist.device}), {len(run.train_split)} train / {len(run.eval_split)} eval pairs; "
-          f"per step: {plan.global_batch} pairs = micro {t.micro_batch_size} x accum {t.gradient_accumulation_steps} "
-          f"x world {dist.world_size}, ~{int(2 * plan.global_batch * mean_len):,} tokens; {run.total_steps} steps "
+    print(f"[dpo-dist] world {dist.world_size} ({dist.device}{sp_note(dist)}), {len(run.train_split)} train / "
+          f"{len(run.eval_split)} eval pairs; per step: {plan.global_batch} pairs = micro {t.micro_batch_size} x accum "
+          f"{t.gradient_accumulation_steps} x {_ranks(dist)}, ~{int(2 * plan.global_batch * mean_len):,} tokens; {run.total_steps} steps "
           f"({plan.steps_per_epoch}/epoch, {plan.dropped_per_epoch} pairs/epoch left over); "
           f"params {run.n_params:,} ({run.n_trainable:,} trainable, {run.policy_dtype}); ZeRO stage {stage}, "
           f"each rank holds {fraction:.0%} of the weights" + (f"; resuming at step {run.start_step}" if run.start_step else ""),
           flush=True)
+    if dist.sp_size > 1 and t.sample_prompts:
+        print("[dpo-dist] train.sample_prompts: no samples in TensorBoard with sequence parallelism (generation "
+              "does not run the sequence-parallel attention)", flush=True)
     if dist.world_size == 1 and stage == 3:
         print("[dpo-dist] one process: ZeRO-3 partitions nothing here and costs time and memory; "
               "ds_configs/zero0_bf16.json trains faster and leaner (BENCHMARKS.md)", flush=True)
+
+
+def _ranks(dist: Dist) -> str:
+    return f"world {dist.world_size}" if dist.sp_size == 1 else f"data-parallel ranks {dist.dp_world}"
 
 
 def one_step(run: Run, step: int, micro_batches: list[list[int]]) -> dict[str, float]:
@@ -300,7 +308,7 @@ def finished_result(cfg: Config) -> TrainResult:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Prepare (all checks), build, run the steps, finish. Rerun with resume=True after a crash or a signal."""
-    dist = compute_init(cfg.train.collective_timeout_s)
+    dist = compute_init(cfg.train.collective_timeout_s, cfg.train.sequence_parallel_size)
     prepared = prepare(cfg, dist, resume, overwrite)  # removes a stale STOP file
     cfg = replace(cfg, train=replace(cfg.train, gradient_accumulation_steps=prepared.accumulation))
     if prepared.finished:
