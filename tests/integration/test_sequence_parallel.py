@@ -3,8 +3,8 @@ tiny llama with 4 attention heads:
 
 - rows of 4-7k tokens (pairs of a few thousand): per-pair log-probs and every parameter's gradient of
   a 2-way split equal the unsplit computation in the same processes (float32);
-- `dpo-dist train` with train.sequence_parallel_size=2 on 2 ranks (ZeRO-3) has the per-step losses of
-  the same run unsplit on 1 rank.
+- `dpo-dist train` with train.sequence_parallel_size=2 on 2 ranks (ZeRO-3), crashed and resumed, has
+  the per-step losses of the same run unsplit on 1 rank.
 """
 import json
 import os
@@ -126,21 +126,24 @@ def _overrides(d, model, data, *more) -> list[str]:
             "model.layout=shared", *more]
 
 
-def _train(d, model, data, run: str, *more) -> subprocess.CompletedProcess:
+def _train(d, model, data, run: str, *more, check: bool = True, **env) -> subprocess.CompletedProcess:
     proc = subprocess.run([*DPO, "train", *_overrides(d, model, data, f"output_dir={d / run}", *more)], cwd=d,
-                          capture_output=True, text=True, timeout=600, env=offline_env(OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+                          capture_output=True, text=True, timeout=600, env=offline_env(OMP_NUM_THREADS="1", **env))
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-4000:]
     return proc
 
 
 def test_a_dpo_run_split_over_two_ranks_has_the_unsplit_run_s_losses(sp_work, long_model, synthetic_path):
-    """DPO with ZeRO-3 (float32): sequence parallel 2 on 2 ranks (one data-parallel rank) against 1
-    rank unsplit, the same global batch of 8: per-step losses, margins and gradient norms, and the
-    eval metrics, agree to float tolerance."""
-    one = _train(sp_work, long_model, synthetic_path, "run1", "train.num_procs=1", "train.gradient_accumulation_steps=2")
-    two = _train(sp_work, long_model, synthetic_path, "run2", "train.num_procs=2", "train.gradient_accumulation_steps=2",
-                 "train.sequence_parallel_size=2")
-    assert "sequence parallel 2 x 1 data-parallel" in two.stdout and "x data-parallel ranks 1" in two.stdout, two.stdout[-2000:]
+    """DPO with ZeRO-3 (float32): sequence parallel 2 on 2 ranks (one data-parallel rank), crashed
+    after its step-2 checkpoint and resumed, against 1 rank unsplit with the same global batch of 8:
+    per-step losses, margins, gradient norms and the eval metrics agree to float tolerance."""
+    _train(sp_work, long_model, synthetic_path, "run1", "train.num_procs=1", "train.gradient_accumulation_steps=2")
+    split = ["train.num_procs=2", "train.gradient_accumulation_steps=2", "train.sequence_parallel_size=2"]
+    crashed = _train(sp_work, long_model, synthetic_path, "run2", *split, check=False, DPO_DIST_CRASH_AFTER_STEP="2")
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+    assert "sequence parallel 2 x 1 data-parallel" in crashed.stdout and "x data-parallel ranks 1" in crashed.stdout, crashed.stdout[-2000:]
+    resumed = _train(sp_work, long_model, synthetic_path, "run2", *split, "--resume")
+    assert "resuming at step 2" in resumed.stdout, resumed.stdout[-2000:]
     got, want = scalars(sp_work / "run2" / "tb"), scalars(sp_work / "run1" / "tb")
     for tag in ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/grad_norm", "eval/rewards/margins"):
         assert sorted(got[tag]) == sorted(want[tag]) and got[tag], tag
