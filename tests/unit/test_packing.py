@@ -206,3 +206,48 @@ def test_fused_head_with_tied_embeddings_gives_the_plain_gradients(model_type):
         sums.sum().backward()
         grads.append(model.lm_head.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_sequence_shards_tile_the_row_and_its_targets():
+    """Each rank's slice: its tokens and positions, the targets predicted from its positions (local
+    indices), the whole spans; the slices tile the row and every target is in exactly one."""
+    import torch
+
+    from dpo_dist.core.packing import pairs_layout, sequence_shard
+
+    rows = [{"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 9], "rejected_input_ids": [10, 11, 12]},
+            {"prompt_input_ids": [13], "chosen_input_ids": [14, 15, 16], "rejected_input_ids": [17]}]
+    whole = pairs_layout(rows, "shared", 0, segment_attention=True, pad_to_multiple_of=4)
+    width = whole["input_ids"].shape[1]
+    assert width % 4 == 0 and width >= whole["tokens"]
+    shards = [sequence_shard(whole, r, 4) for r in range(4)]
+    assert torch.equal(torch.cat([s["input_ids"] for s in shards], 1), whole["input_ids"])
+    assert torch.equal(torch.cat([s["position_ids"] for s in shards], 1), whole["position_ids"])
+    got = sorted((int(p) + r * width // 4, int(t), int(q)) for r, s in enumerate(shards)
+                 for p, t, q in zip(s["target_pos"], s["target_ids"], s["target_seq"]))
+    assert got == sorted(zip(whole["target_pos"].tolist(), whole["target_ids"].tolist(), whole["target_seq"].tolist()))
+    for s in shards:
+        assert s["spans"] is whole["spans"] and s["seq_tokens"].tolist() == [2, 3, 3, 1]
+        assert all(0 <= p < width // 4 for p in s["target_pos"].tolist())
+    assert sum(s["tokens"] for s in shards) == whole["tokens"]
+    with pytest.raises(ValueError, match="a row of 13 tokens does not split into 2 equal slices"):
+        sequence_shard(pairs_layout(rows, "shared", 0, segment_attention=True), 0, 2)
+    with pytest.raises(ValueError, match="one-row segment-attention batches"):
+        sequence_shard(pairs_layout(rows, "shared", 0), 0, 2)
+
+
+@pytest.mark.parametrize("args, said", [
+    ((2, 3, 4, 4, "shared", True), "does not divide the world size 3"),
+    ((2, 4, 3, 3, "shared", True), "does not divide the model's 3 attention heads"),
+    ((4, 4, 8, 2, "shared", True), None),  # key/value heads repeated: 4 is a multiple of 2
+    ((4, 4, 12, 6, "shared", True), "key/value heads: one must divide the other"),
+    ((2, 2, 4, 4, "padded", True), "set model.layout to shared or packed"),
+    ((2, 2, 4, 4, "packed", False), "model.attn_implementation to sdpa"),
+    ((2, 4, 4, 4, "packed", True), None),
+    ((0, 2, 4, 4, "packed", True), "must be >= 1"),
+])
+def test_sequence_parallel_problems_are_named(args, said):
+    from dpo_dist.core.packing import sequence_parallel_problem
+
+    problem = sequence_parallel_problem(*args)
+    assert (problem is None) if said is None else (said in problem), problem
