@@ -127,3 +127,28 @@ def test_real_hh_pairs_fit_and_split_cleanly(hh_path, llama_tok):
     assert report.pairs == n > 2000
     assert report.boundary_mismatch == 0
     assert 0 < report.prompt_truncated < n
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_long_pairs_of_tens_of_thousands_of_tokens_follow_the_same_rules(llama_tok, mode):
+    """data.max_length 32768 (sequence parallelism's long pairs): the same rules as at 512. A prompt
+    of ~40k tokens is cut to max_prompt_length (BOS kept, its end or start kept by mode), the
+    responses to what is left; pairs that fit are untouched."""
+    words = [f" w{i % 97}" for i in range(40000)]
+    prompt, chosen, rejected = "".join(words), "".join(words[:20000]), "".join(words[:9000])
+    plain = llama_tok(prompt, add_special_tokens=False)["input_ids"]
+    assert len(plain) > 40000
+    report = TokenizeReport()
+    t = tokenize_pair(llama_tok, pair(prompt, chosen, rejected), max_length=32768, max_prompt_length=16384,
+                      truncation_mode=mode, report=report)
+    assert len(t.prompt_input_ids) == 16384 and t.prompt_input_ids[0] == llama_tok.bos_token_id
+    kept = plain[-16383:] if mode == "keep_end" else plain[:16383]
+    assert t.prompt_input_ids[1:] == kept
+    assert len(t.chosen_input_ids) == len(t.prompt_input_ids) + len(t.chosen_input_ids) - 16384 == 16384
+    assert len(t.rejected_input_ids) == 16384 and report.prompt_truncated == report.response_truncated == 1
+    short = "".join(words[:4000])
+    fits = tokenize_pair(llama_tok, pair(short, short, short[:9000]), max_length=32768, max_prompt_length=16384,
+                         truncation_mode=mode)
+    assert 16384 < len(fits.prompt_input_ids) + len(fits.chosen_input_ids) <= 32768
+    assert not fits.prompt_truncated and not fits.response_truncated
+    assert fits.prompt_input_ids[1:] == llama_tok(short, add_special_tokens=False)["input_ids"]
