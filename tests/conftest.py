@@ -65,7 +65,7 @@ FILE_SECONDS = {  # measured 2026-12-07 on a clean clone (539 tests, 1877 s of t
     "integration/slurm/test_dpo_sweep_sbatch.py": 101,
     "integration/test_object_store.py": 100, "integration/test_sft.py": 61, "integration/test_demo.py": 54, "integration/test_generate.py": 28,
     "integration/test_judge.py": 17, "integration/slurm/test_slurm_cluster.py": 13, "unit/test_tokenize_real.py": 10,
-    "integration/test_checkpoint_ranks.py": 8, "integration/test_lost_contact.py": 8, "unit/test_suite_net.py": 5,
+    "integration/test_sequence_parallel.py": 13, "integration/test_checkpoint_ranks.py": 8, "integration/test_lost_contact.py": 8, "unit/test_suite_net.py": 5,
 }
 
 
