@@ -88,7 +88,8 @@ def check_sequence_parallel(cfg: Config, world_size: int) -> None:
     heads = getattr(text, "num_attention_heads", 1)
     problem = sequence_parallel_problem(
         cfg.train.sequence_parallel_size, world_size, heads, getattr(text, "num_key_value_heads", None) or heads,
-        cfg.model.layout, attention_for(mc, cfg.model.attn_implementation) == SEGMENT_ATTENTION)
+        cfg.model.layout, attention_for(mc, cfg.model.attn_implementation) == SEGMENT_ATTENTION,
+        ranks="the world size (train.num_procs or one per GPU, times the nodes)")
     if problem:
         raise ConfigError(problem)
 

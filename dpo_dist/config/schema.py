@@ -75,6 +75,7 @@ class ScoreConfig:
     overwrite: bool = opt(False, "Replace a cache whose fingerprint differs instead of refusing.")
     reuse_from: list = opt([], "Other caches (folders or s3:// / gs:// URLs) whose pairs scored with the same reference values are copied instead of scored again (this cache's own are always reused).")
     max_retries: int = opt(3, "Times a shard is retried after its actor dies.")
+    sequence_parallel_size: int = opt(1, "Actors that score each batch together (DeepSpeed Ulysses sequence parallelism: each a slice of the tokens, a share of the heads), for pairs too long for one device; the actors divide into groups of it. Values equal unsplit scoring to float rounding; a lost actor stops the run (rerun: done shards are kept).")
 
 
 @dataclass

@@ -54,6 +54,7 @@ def validate(cfg: Config, origins: _Origins | None = None) -> None:
         ("train.step0_tolerance", t.step0_tolerance is None or t.step0_tolerance > 0,
          "train.step0_tolerance must be > 0 (or null for the bound of the dtypes in play)"),
         ("train.sequence_parallel_size", t.sequence_parallel_size >= 1, "train.sequence_parallel_size must be >= 1"),
+        ("score.sequence_parallel_size", cfg.score.sequence_parallel_size >= 1, "score.sequence_parallel_size must be >= 1"),
         ("score.shard_size", cfg.score.shard_size > 0, "score.shard_size must be > 0"),
         ("score.token_budget", cfg.score.token_budget > 0, "score.token_budget must be > 0"),
         ("cache_dir", _shown(cfg.cache_dir) == cfg.cache_dir,

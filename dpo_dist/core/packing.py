@@ -200,25 +200,25 @@ def pairs_layout(examples: Sequence[dict], layout: str, pad_token_id: int, capac
     return sequences_layout(sequences, layout, pad_token_id, capacity, pad_to_multiple_of, segment_attention)
 
 
-def sequence_parallel_problem(size: int, world: int, heads: int, kv_heads: int, layout: str, segments: bool) -> str | None:
-    """Why `size`-way sequence parallelism cannot run (one line), or None: the world splits into
-    groups of `size` ranks, the attention heads into `size` shares (DeepSpeed Ulysses exchanges whole
-    heads; key/value heads may instead be repeated), and the rows are one-row segment-attention batches."""
+def sequence_parallel_problem(size: int, world: int, heads: int, kv_heads: int, layout: str, segments: bool,
+                              field: str = "train.sequence_parallel_size", ranks: str = "the world size") -> str | None:
+    """Why `size`-way sequence parallelism cannot run (one line naming `field`), or None: `world`
+    (`ranks`: what it counts) splits into groups of `size`, the attention heads into `size` shares
+    (DeepSpeed Ulysses exchanges whole heads; key/value heads may instead be repeated), and the rows
+    are one-row segment-attention batches."""
     if size < 1:
-        return f"train.sequence_parallel_size must be >= 1, got {size}"
+        return f"{field} must be >= 1, got {size}"
     if size == 1:
         return None
     if world % size:
-        return (f"train.sequence_parallel_size={size} does not divide the world size {world} "
-                f"(processes: train.num_procs or one per GPU, times the nodes)")
+        return f"{field}={size} does not divide {ranks} {world}"
     if heads % size:
-        return f"train.sequence_parallel_size={size} does not divide the model's {heads} attention heads"
+        return f"{field}={size} does not divide the model's {heads} attention heads"
     if kv_heads % size and size % kv_heads:
-        return (f"train.sequence_parallel_size={size} and the model's {kv_heads} key/value heads: one must divide "
-                "the other")
+        return f"{field}={size} and the model's {kv_heads} key/value heads: one must divide the other"
     if layout == "padded" or not segments:
-        return ("train.sequence_parallel_size > 1 runs one-row packed or shared batches with segment attention: "
-                "set model.layout to shared or packed and model.attn_implementation to sdpa (on a llama-family model)")
+        return (f"{field} > 1 runs one-row packed or shared batches with segment attention: set model.layout to "
+                "shared or packed and model.attn_implementation to sdpa (on a llama-family model)")
     return None
 
 

@@ -453,3 +453,18 @@ def sequence_parallel(model, size: int) -> SequenceParallel | None:
         model, core_attn_implementation=SEGMENT_ATTENTION, sequence_parallel_size=size, micro_batch_size=1,
         seq_length_is_variable=True)
     return SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group())
+
+
+def join_group(address: str, port: int, rank: int, size: int, model, device: str, timeout_s: int = 600) -> SequenceParallel:
+    """A Ray actor joins a sequence-parallel group of `size` actors (rank 0 listens on address:port):
+    torch.distributed over TCP (NCCL on a GPU, gloo on CPU), then Ulysses around `model`'s attention."""
+    from datetime import timedelta
+
+    import deepspeed
+
+    if device == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see compute_init
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", init_method=f"tcp://{address}:{port}",
+                               rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s), verbose=False,
+                               auto_mpi_discovery=False)
+    return sequence_parallel(model, size)

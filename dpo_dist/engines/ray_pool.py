@@ -57,6 +57,40 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
     return ray
 
 
+class ActorGroup:
+    """`size` actors that run each task together (sequence parallelism): created at once, joined in
+    one torch.distributed group through the first one's address (each actor's `rendezvous()` and
+    `join(address, port, rank, size)`), every task sent to all of them; the first one's result is the
+    group's. Used by ActorPool as one actor; a group that loses a member is not replaced (its
+    collectives cannot go on): the run stops, saying so."""
+
+    def __init__(self, ray, make: Callable[[], object], size: int):
+        self.ray, self.members = ray, [make() for _ in range(size)]
+        address, port = ray.get(self.members[0].rendezvous.remote())
+        try:  # every member in the group before any work (a member left out would score unsplit)
+            ray.get([m.join.remote(address, port, rank, size) for rank, m in enumerate(self.members)])
+        except Exception as e:
+            self.kill()
+            raise RuntimeError(f"a sequence-parallel group of {size} actors could not form: {_last_line(e)}") from None
+
+    def __getattr__(self, method: str):
+        if method.startswith("__"):
+            raise AttributeError(method)
+        members = self.members
+
+        class _Call:
+            @staticmethod
+            def remote(*args, **kwargs):
+                refs = [getattr(m, method).remote(*args, **kwargs) for m in members]
+                return refs[0]
+
+        return _Call()
+
+    def kill(self) -> None:
+        for member in self.members:
+            self.ray.kill(member, no_restart=True)
+
+
 class ActorPool:
     """`n_actors` actors with `slots` tasks in flight each (two: an actor's next task is queued while
     the driver writes its last result). When an actor dies (its process killed, its node lost) it is
@@ -130,12 +164,17 @@ class ActorPool:
         except RayTaskError as e:  # the actor lives; the task has input it refuses (one line, no traceback)
             if isinstance(e.cause, UserError):
                 raise type(e.cause)(f"{where(task)}: {e.cause}" if where else str(e.cause)) from None
+            if isinstance(actor, ActorGroup):  # a member's collective failed: another member is gone
+                raise RuntimeError(f"{name(task)}: a sequence-parallel group lost an actor ({_last_line(e)}); rerun to "
+                                   "finish (done work is kept)") from None
             raise
         except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            if isinstance(actor, ActorGroup):
+                raise RuntimeError(f"{name(task)}: a sequence-parallel group lost an actor ({_last_line(e)}); rerun to "
+                                   "finish (done work is kept)") from None
             attempts = self.attempts[id(task)] = self.attempts.get(id(task), 0) + 1
             if attempts > self.max_retries:
-                cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise RuntimeError(f"{name(task)}: actor died {attempts} times; giving up ({cause})") from None
+                raise RuntimeError(f"{name(task)}: actor died {attempts} times; giving up ({_last_line(e)})") from None
             self.say(f"actor died on {name(task)}; retrying it (attempt {attempts + 1}) and replacing the actor")
             if actor not in self.dead:  # its other in-flight task fails too: replace it once
                 self.dead.add(actor)
@@ -148,6 +187,10 @@ class ActorPool:
         self.attempts.pop(id(task), None)
         self.idle.append(actor)
         yield task, out
+
+
+def _last_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- the one starter
@@ -200,22 +243,26 @@ def progress_bar(total: int | None, *, unit: str, desc: str, **kw):
 
 def run_actors(cluster: Cluster, body: type, kwargs: dict, call: Callable, tasks: Iterable, settings: ScoreConfig, *,
                name: Callable[[object], str], progress, advance: Callable[[object], int] = lambda task: 1,
-               where: Callable[[object], str] | None = None) -> Iterator[tuple[object, object]]:
+               where: Callable[[object], str] | None = None, group_size: int = 1) -> Iterator[tuple[object, object]]:
     """The driver loop of every pool: start `body` (an actor class) as cluster.n_actors(settings)
     actors, at most one per task when `tasks` has a length, each as body(**kwargs, device=...) on one
     GPU, or on score.threads_per_actor CPUs without GPUs; then ActorPool.run(tasks, call, ...), with
     score.max_retries per task. Yields (task, result) as results arrive; once the caller is done
     with one the progress bar moves on by advance(task). The bar (actor deaths are noted on it) is
-    closed when the run ends."""
-    n_actors = cluster.n_actors(settings)
+    closed when the run ends. `group_size` > 1: the actors work in ActorGroups of that many (body
+    has `rendezvous` and `join`), each group one worker of the pool."""
+    n_actors = cluster.n_actors(settings) // group_size
     if isinstance(tasks, Sized):
         n_actors = min(n_actors, len(tasks))
     actor_cls = cluster.ray.remote(body).options(num_gpus=1 if cluster.gpus else 0,
                                                  num_cpus=1 if cluster.gpus else settings.threads_per_actor,
                                                  max_restarts=0)
     try:
-        pool = ActorPool(cluster.ray, lambda: actor_cls.remote(**kwargs, device=cluster.device), n_actors,
-                         max_retries=settings.max_retries, say=progress.write)
+        def new_actor():
+            return actor_cls.remote(**kwargs, device=cluster.device)
+
+        pool = ActorPool(cluster.ray, (lambda: ActorGroup(cluster.ray, new_actor, group_size)) if group_size > 1 else new_actor,
+                         n_actors, max_retries=settings.max_retries, say=progress.write)
         for task, out in pool.run(tasks, call, name=name, where=where):
             yield task, out
             progress.update(advance(task))

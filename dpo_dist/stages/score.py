@@ -115,9 +115,27 @@ class RefScorer:
         if note:
             print(f"[dpo-dist] {note}", flush=True)
         self.fused_head = fused_head
+        self.sp = None  # a sequence-parallel group, once joined
 
     def pid(self) -> int:
         return os.getpid()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Where this actor, rank 0 of a sequence-parallel group, takes the others' connections."""
+        import socket
+
+        import ray
+
+        address = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((address, 0))
+            return address, s.getsockname()[1]
+
+    def join(self, address: str, port: int, rank: int, size: int) -> None:
+        """Join a group of `size` actors that score each batch together (engines.join_group: Ulysses)."""
+        from dpo_dist.engines.deepspeed_engine import join_group
+
+        self.sp = join_group(address, port, rank, size, self.model, self.device)
 
     def score(self, task: ShardTask) -> dict:
         """Tokenize, batch by length, forward; rows in source order plus shard statistics.
@@ -131,7 +149,7 @@ class RefScorer:
 
         from dpo_dist.core.batching import length_batches
         from dpo_dist.core.logps import layout_logps, segment_attention_on, to_device
-        from dpo_dist.core.packing import pairs_layout, sequences_layout
+        from dpo_dist.core.packing import on_ranks, pairs_layout, sequences_layout
         from dpo_dist.core.tokenize import TokenizeReport
 
         report = TokenizeReport()
@@ -148,17 +166,21 @@ class RefScorer:
             items = [(t.prompt_input_ids, r) for t in tokenized for r in (t.chosen_input_ids, t.rejected_input_ids)]
             lengths = [len(p) + len(r) for p, r in items]
         segments = segment_attention_on(self.model)
+        sp = self.sp  # a sequence-parallel group: each of its actors runs a slice of every batch's row
+        multiple = sp.size if sp else None
         with torch.inference_mode():
-            for batch_ids in length_batches(lengths, self.token_budget, rows_per_item=1):
+            for batch_ids in length_batches(lengths, self.token_budget * (sp.size if sp else 1), rows_per_item=1):
                 chunk = [items[i] for i in batch_ids]
                 if self.layout == "shared":  # out: chosen of each pair, then rejected of each
-                    batch = pairs_layout(chunk, "shared", self.pad_id, segment_attention=segments)
+                    batch = pairs_layout(chunk, "shared", self.pad_id, segment_attention=segments, pad_to_multiple_of=multiple)
                     where = [2 * i for i in batch_ids] + [2 * i + 1 for i in batch_ids]
                 else:
-                    batch, where = sequences_layout(chunk, self.layout, self.pad_id, segment_attention=segments), batch_ids
-                batch_logps, batch_counts = layout_logps(self.model, to_device(batch, self.device), fused=self.fused_head)
+                    batch = sequences_layout(chunk, self.layout, self.pad_id, segment_attention=segments, pad_to_multiple_of=multiple)
+                    where = batch_ids
                 real += batch["tokens"]
                 padded += batch["input_ids"].numel()
+                batch_logps, batch_counts = layout_logps(self.model, to_device(on_ranks(batch, sp), self.device),
+                                                         fused=self.fused_head)
                 for j, i in enumerate(where):
                     logps[i], counts[i] = float(batch_logps[j]), int(batch_counts[j])
         rows = [{"id": t.id, "row": task.pairs[i].row, "prompt_input_ids": t.prompt_input_ids,
@@ -168,7 +190,7 @@ class RefScorer:
                  "prompt_truncated": t.prompt_truncated, "response_truncated": t.response_truncated}
                 for i, t in enumerate(tokenized)]
         return {"rows": rows, "tokenize": report.to_dict(), "real_tokens": real, "padded_tokens": padded,
-                "forward_seconds": time.perf_counter() - start}
+                "forward_seconds": time.perf_counter() - start, "sequence_parallel": sp.size if sp else 1}
 
 
 def tokenize_row(tokenizer, pair: Pair, report, tok_args: dict):
@@ -235,6 +257,9 @@ def run_scoring(cfg: Config) -> ScoreResult:
     for other in cfg.score.reuse_from:
         open_store(other).exists()
     cluster = connect_ray()
+    group = cfg.score.sequence_parallel_size
+    if group > 1:  # before any actor starts
+        _check_sequence_parallel(cfg, spec, cluster.n_actors(cfg.score))
     if note := slow_bf16_note(spec.identity["reference.dtype"], cluster.device):
         print(f"[dpo-dist] scoring in bfloat16 (the training precision, score.dtype=auto): {note}", flush=True)
     manifest, kept = prepare_cache_dir(store, spec, cfg.score.shard_size, cfg.score.overwrite)
@@ -249,6 +274,24 @@ def run_scoring(cfg: Config) -> ScoreResult:
                         truncation_mode=cfg.data.truncation_mode, token_budget=cfg.score.token_budget,
                         layout=cfg.model.layout, fused_head=cfg.model.fused_head)
     return _dispatch(cfg, manifest, store, cluster, actor_kwargs, _Reuse(cache_mod.values_identity(spec.identity), sources))
+
+
+def _check_sequence_parallel(cfg: Config, spec: CacheSpec, n_actors: int) -> None:
+    """score.sequence_parallel_size against the actors, the reference's attention heads and the layout."""
+    from dpo_dist.config import ConfigError
+    from dpo_dist.core.packing import sequence_parallel_problem
+    from dpo_dist.core.segments import SEGMENT_ATTENTION
+    from dpo_dist.models import attention_for, load_model_config
+
+    mc = load_model_config(spec.ref_dir, trust_remote_code=cfg.model.trust_remote_code)
+    text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
+    heads = getattr(text, "num_attention_heads", 1)
+    problem = sequence_parallel_problem(
+        cfg.score.sequence_parallel_size, n_actors, heads, getattr(text, "num_key_value_heads", None) or heads,
+        cfg.model.layout, attention_for(mc, cfg.model.attn_implementation) == SEGMENT_ATTENTION,
+        field="score.sequence_parallel_size", ranks="the scoring actors (score.num_actors, the GPUs or score.cpu_actors)")
+    if problem:
+        raise ConfigError(problem)
 
 
 def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
@@ -322,6 +365,8 @@ def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster
             entry["tokenize"]["boundary_mismatch"] = out["tokenize"]["boundary_mismatch"]
             entry.update(real_tokens=out["real_tokens"], padded_tokens=out["padded_tokens"],
                          forward_seconds=round(out["forward_seconds"], 3))
+            if out["sequence_parallel"] > 1:  # provenance: scored by a group of actors (values equal to float rounding)
+                entry["sequence_parallel"] = out["sequence_parallel"]
             writer.add_scalar("score/padding_efficiency", out["real_tokens"] / max(out["padded_tokens"], 1), result.scored_shards)
             result.scored_shards += 1
             result.tokens += out["real_tokens"]
@@ -357,7 +402,8 @@ def _dispatch(cfg: Config, manifest: cache_mod.Manifest, store, cluster: Cluster
         for task, out in run_actors(cluster, RefScorer, actor_kwargs, lambda actor, task: actor.score.remote(task),
                                     to_score(), cfg.score, name=lambda t: f"shard {t.split}/{t.index}",
                                     where=lambda t: source_name(cfg, t.split), progress=progress,
-                                    advance=lambda t: len(reused[(t.split, t.index)][0])):
+                                    advance=lambda t: len(reused[(t.split, t.index)][0]),
+                                    group_size=cfg.score.sequence_parallel_size):
             pairs, found = reused[(task.split, task.index)]
             write(task, pairs, found, out)
             result.scored_pairs += len(task.pairs)

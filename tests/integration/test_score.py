@@ -549,3 +549,35 @@ def test_grown_data_scores_only_the_new_pairs_and_gives_the_same_bytes(baseline,
     other = run_scoring(_cfg(tiny_model, synthetic_path, tmp_path / "other", *SYNTHETIC, f"score.reuse_from=[{cache}]"))
     assert other.scored_pairs == 0 and other.reused_pairs == 600
     assert shard_hashes(tmp_path / "other") == shard_hashes(baseline)
+
+
+def test_sequence_parallel_scoring_gives_the_unsplit_values(baseline, tiny_model, synthetic_path, tmp_path):
+    """score.sequence_parallel_size=2: the 2 actors score every batch together (DeepSpeed Ulysses, a
+    slice of the row each, over a gloo group of their own). Every pair's ids are the baseline's and
+    its log-probs equal the unsplit baseline's to float rounding; the cache's identity is the same
+    (a config without sequence parallelism finds it ready)."""
+    from dpo_dist.core.cache import CachedSplit
+    from dpo_dist.pipeline import cache_ready
+
+    cache = tmp_path / "cache"
+    cfg = _cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_samples=96", "score.sequence_parallel_size=2")
+    result = run_scoring(cfg)
+    assert result.pairs == 96 and result.scored_pairs == 96
+    manifest = load_manifest(cache)
+    assert {e.get("sequence_parallel") for s in ("train", "eval") for e in manifest.shard_entries(s)} == {2}
+    want = {}
+    for split in ("train", "eval"):
+        rows = CachedSplit(baseline, split, load_manifest(baseline))
+        want.update({r["id"]: r for r in (rows[i] for i in range(len(rows)))})
+    seen = 0
+    for split in ("train", "eval"):
+        rows = CachedSplit(cache, split, load_manifest(cache))
+        for i in range(len(rows)):
+            got, ref = rows[i], want[rows[i]["id"]]
+            for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "chosen_num_tokens", "rejected_num_tokens"):
+                assert got[key] == ref[key], key
+            for key in ("ref_chosen_logps", "ref_rejected_logps"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-5), (key, got[key], ref[key])
+            seen += 1
+    assert seen == 96
+    assert cache_ready(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_samples=96"))
