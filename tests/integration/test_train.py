@@ -286,20 +286,23 @@ def _fp32_ds_config(work: Path) -> Path:
     return path
 
 
-def test_a_sequence_parallel_run_crashed_and_resumed_has_the_unsplit_run_s_losses(work):
-    """train.sequence_parallel_size=2 on 2 ranks (DeepSpeed Ulysses, ZeRO-3, float32; one data-parallel
-    rank), crashed after its step-2 checkpoint and resumed, against the same run unsplit on 1 rank
-    (the same global batch of 8): per-step losses, margins, gradient norms and eval metrics agree to
-    float rounding."""
+def test_a_sequence_parallel_lora_run_resumed_without_it_has_the_unsplit_run_s_losses(work):
+    """LoRA DPO under ZeRO-3 (float32), train.sequence_parallel_size=2 on 2 ranks (DeepSpeed Ulysses; one
+    data-parallel rank, accumulation 2), crashed after its step-2 checkpoint and resumed on the same 2
+    ranks without sequence parallelism (two data-parallel ranks: the accumulation becomes 1, the
+    global batch of 8 kept), against the run unsplit on 1 rank: per-step losses, margins, gradient
+    norms and eval metrics agree to float rounding."""
     common = [f"train.deepspeed_config={_fp32_ds_config(work)}", "train.max_steps=4", "train.save_steps=2",
-              "train.eval_steps=2", "train.sample_prompts=0", "export.enabled=false"]
+              "train.eval_steps=2", "train.sample_prompts=0", "export.enabled=false", "model.lora.enabled=true",
+              "model.lora.r=4", "train.lr=5e-3"]
     run(DPO + ["train", *base("run_sp1", *common, "train.num_procs=1")], work)
-    split = base("run_sp2", *common, "train.num_procs=2", "train.sequence_parallel_size=2")
-    crashed = run(DPO + ["train", *split], work, {"DPO_DIST_CRASH_AFTER_STEP": "2"}, check=False)
+    crashed = run(DPO + ["train", *base("run_sp2", *common, "train.num_procs=2", "train.sequence_parallel_size=2")], work,
+                  {"DPO_DIST_CRASH_AFTER_STEP": "2"}, check=False)
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
     assert "sequence parallel 2 x 1 data-parallel" in crashed.stdout and "x data-parallel ranks 1" in crashed.stdout, crashed.stdout[-2000:]
-    resumed = run(DPO + ["train", *split, "--resume"], work)
-    assert "resuming at step 2" in resumed.stdout, resumed.stdout[-2000:]
+    resumed = run(DPO + ["train", *base("run_sp2", *common, "train.num_procs=2", "train.gradient_accumulation_steps=1"),
+                         "--resume"], work)
+    assert "resuming at step 2" in resumed.stdout and "accum 1 x world 2" in resumed.stdout, resumed.stdout[-2000:]
     got, want = scalars(work / "run_sp2" / "tb"), scalars(work / "run_sp1" / "tb")
     for tag in ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/grad_norm", "eval/rewards/margins"):
         assert sorted(got[tag]) == sorted(want[tag]) and got[tag], tag
