@@ -165,11 +165,13 @@ class ActorPool:
             if isinstance(e.cause, UserError):
                 raise type(e.cause)(f"{where(task)}: {e.cause}" if where else str(e.cause)) from None
             if isinstance(actor, ActorGroup):  # a member's collective failed: another member is gone
+                actor.kill()  # its survivors hold resources a rerun needs
                 raise RuntimeError(f"{name(task)}: a sequence-parallel group lost an actor ({_last_line(e)}); rerun to "
                                    "finish (done work is kept)") from None
             raise
         except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
             if isinstance(actor, ActorGroup):
+                actor.kill()
                 raise RuntimeError(f"{name(task)}: a sequence-parallel group lost an actor ({_last_line(e)}); rerun to "
                                    "finish (done work is kept)") from None
             attempts = self.attempts[id(task)] = self.attempts.get(id(task), 0) + 1

@@ -140,3 +140,15 @@ def test_reuse_bench_scores_only_the_new_pairs_to_the_same_bytes(tiny_model, hh_
                        "--max-length", 128, "--dtype", "float32", "--actors", 1)
     assert re.search(r"^\| then all, same cache \| 20 \| 18 \| 2 \| [\d.]+ \|$", stdout, re.M), stdout
     assert "pairs with identical value bytes: 20 of 20" in stdout, stdout
+
+
+def test_sequence_parallel_bench_runs_a_split_pair_at_toy_size(tiny_model, tmp_path):
+    """bench_sequence_parallel.py (the GPU script too: --peak-tflops adds MFU) on 2 gloo ranks at 128
+    tokens, degree 2: the ranks share one pair, each runs half of its row."""
+    out = tmp_path / "sp.json"
+    stdout = run_bench("bench_sequence_parallel.py", "--model", tiny_model, "--lengths", 128, "--degrees", 2, "--steps", 1,
+                       "--peak-tflops", 1, "--json", out)
+    [row] = json.loads(out.read_text())
+    assert (row["length"], row["degree"], row["row_tokens_per_rank"]) == (128, 2, 64), row
+    assert row["tokens_per_s"] > 0 and row["peak_mib_per_rank"] >= 0 and 0 < row["mfu"] < 1, row
+    assert "tokens/pair degree" in stdout

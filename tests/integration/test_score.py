@@ -581,3 +581,33 @@ def test_sequence_parallel_scoring_gives_the_unsplit_values(baseline, tiny_model
             seen += 1
     assert seen == 96
     assert cache_ready(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_samples=96"))
+
+    # An actor of the group SIGKILLed mid-run: the group cannot go on (its collectives need every
+    # member), so the run stops in one line; the rerun keeps the done shards and ends with the bytes
+    # of the uninterrupted run (same group size, same arithmetic).
+    again = tmp_path / "again"
+    stop, killed = threading.Event(), {}
+
+    def kill_a_busy_actor():
+        me = psutil.Process()
+        while not stop.is_set():
+            if manifest_shards(again) >= 1:
+                busy = [p for p in me.children(recursive=True) if cmdline(p).startswith("ray::RefScorer.score")]
+                if busy:
+                    killed["pid"] = busy[0].pid
+                    os.kill(busy[0].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=kill_a_busy_actor, daemon=True)
+    thread.start()
+    cfg_again = _cfg(tiny_model, synthetic_path, again, *SYNTHETIC, "data.max_samples=96", "score.sequence_parallel_size=2")
+    try:
+        with pytest.raises(RuntimeError, match=r"shard \w+/\d+: a sequence-parallel group lost an actor .*; rerun to finish"):
+            run_scoring(cfg_again)
+    finally:
+        stop.set()
+        thread.join()
+    assert "pid" in killed
+    rerun = run_scoring(cfg_again)
+    assert rerun.skipped_shards >= 1 and shard_hashes(again) == shard_hashes(cache)
