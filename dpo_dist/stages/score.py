@@ -256,9 +256,11 @@ def run_scoring(cfg: Config) -> ScoreResult:
     _tokenize_first_pairs(cfg, spec)
     for other in cfg.score.reuse_from:
         open_store(other).exists()
-    cluster = connect_ray()
     group = cfg.score.sequence_parallel_size
-    if group > 1:  # before any actor starts
+    if group > 1:  # heads and layout before Ray starts; the actors once it has (their number needs its GPUs)
+        _check_sequence_parallel(cfg, spec, group)
+    cluster = connect_ray()
+    if group > 1:
         _check_sequence_parallel(cfg, spec, cluster.n_actors(cfg.score))
     if note := slow_bf16_note(spec.identity["reference.dtype"], cluster.device):
         print(f"[dpo-dist] scoring in bfloat16 (the training precision, score.dtype=auto): {note}", flush=True)
