@@ -27,13 +27,19 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 install: $(VENV)/.installed
 
-# pip's output goes to a log: its warnings are not ours to show, its errors are (tail on failure).
+# The installer's output goes to a log: its warnings are not ours to show, its errors are (tail on
+# failure). uv first (from the package index, with pip's configured sources: scripts/uv_flags.py),
+# about a minute faster than pip on a fresh venv; pip when uv cannot be had or fails.
 $(VENV)/.installed: setup.py
 	@echo "[make] setting up $(VENV): $(TORCH_SPEC), then dpo-dist[test] (a minute or two; log: $(VENV)/install.log)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@( $(PY) -m pip install -q --upgrade pip && \
+	@( $(PY) -m pip install -q uv && \
+	   $(VENV)/bin/uv pip install --python $(PY) -q $$($(PY) scripts/uv_flags.py) "$(TORCH_SPEC)" -e ".[test]" ) \
+	   > $(VENV)/install.log 2>&1 || \
+	 ( echo "[make] uv did not install; pip instead" && \
+	   $(PY) -m pip install -q --upgrade pip && \
 	   $(PY) -m pip install -q "$(TORCH_SPEC)" && \
-	   $(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)" ) > $(VENV)/install.log 2>&1 || \
+	   $(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)" ) >> $(VENV)/install.log 2>&1 || \
 	   { tail -n 40 $(VENV)/install.log; echo "[make] install failed; full log: $(VENV)/install.log"; exit 1; }
 	@touch $@
 
