@@ -19,6 +19,8 @@ def step0_stats(sums: Step0Sums, dist: Dist) -> dict[str, float]:
     total = all_reduce({"abs_diff": sums.abs_diff, "tokens": sums.tokens, "sqrt_tokens": sums.sqrt_tokens,
                         "per_token_sum": sums.per_token_sum, "sequences": sums.sequences, "loss_sum": sums.loss_sum,
                         "micro_batches": sums.micro_batches}, dist, op="sum")
+    # the ranks of a sequence-parallel group hold the same pairs' sums: each pair counted once
+    total = {k: v / dist.sp_size for k, v in total.items()}
     worst = all_reduce({"max_abs_diff_per_token": sums.max_per_token, "max_abs_diff": sums.max_abs_diff}, dist, op="max")
     return {"abs_diff_per_token": total["abs_diff"] / max(total["tokens"], 1.0), "tokens": total["tokens"],
             "sqrt_tokens": total["sqrt_tokens"], "mean_abs_diff_per_token": total["per_token_sum"] / max(total["sequences"], 1.0),
