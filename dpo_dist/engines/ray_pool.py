@@ -90,6 +90,13 @@ class ActorGroup:
         for member in self.members:
             self.ray.kill(member, no_restart=True)
 
+    def lost(self, task: str, e: Exception) -> RuntimeError:
+        """The error that stops the run when a member is gone; the survivors are killed first (they
+        hold resources a rerun needs)."""
+        self.kill()
+        return RuntimeError(f"{task}: a sequence-parallel group lost an actor ({_last_line(e)}); rerun to finish "
+                            "(done work is kept)")
+
 
 class ActorPool:
     """`n_actors` actors with `slots` tasks in flight each (two: an actor's next task is queued while
@@ -165,15 +172,11 @@ class ActorPool:
             if isinstance(e.cause, UserError):
                 raise type(e.cause)(f"{where(task)}: {e.cause}" if where else str(e.cause)) from None
             if isinstance(actor, ActorGroup):  # a member's collective failed: another member is gone
-                actor.kill()  # its survivors hold resources a rerun needs
-                raise RuntimeError(f"{name(task)}: a sequence-parallel group lost an actor ({_last_line(e)}); rerun to "
-                                   "finish (done work is kept)") from None
+                raise actor.lost(name(task), e) from None
             raise
         except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
             if isinstance(actor, ActorGroup):
-                actor.kill()
-                raise RuntimeError(f"{name(task)}: a sequence-parallel group lost an actor ({_last_line(e)}); rerun to "
-                                   "finish (done work is kept)") from None
+                raise actor.lost(name(task), e) from None
             attempts = self.attempts[id(task)] = self.attempts.get(id(task), 0) + 1
             if attempts > self.max_retries:
                 raise RuntimeError(f"{name(task)}: actor died {attempts} times; giving up ({_last_line(e)})") from None
