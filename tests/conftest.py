@@ -58,14 +58,15 @@ def pytest_runtest_makereport(item, call):
 # weigh 0 and keep their order. `make test` runs with --dist loadfile --no-loadscope-reorder, so a
 # free worker takes the next file in this order: the longest files start first and the short ones
 # fill the end, instead of a tail of minutes behind a single-test Slurm file started last.
-FILE_SECONDS = {  # measured 2026-12-07 on a clean clone (539 tests, 1877 s of test time in 15:50 on 2 workers)
-    "integration/test_train.py": 570, "integration/test_score.py": 235, "integration/test_bench.py": 197,
-    "integration/test_real_model.py": 188, "integration/slurm/test_dpo_hh_sbatch.py": 161,
-    "integration/slurm/test_paper_sbatch.py": 147, "integration/slurm/test_faults_sbatch.py": 142,
-    "integration/slurm/test_dpo_sweep_sbatch.py": 101,
-    "integration/test_object_store.py": 100, "integration/test_sft.py": 61, "integration/test_demo.py": 54, "integration/test_generate.py": 28,
-    "integration/test_judge.py": 17, "integration/slurm/test_slurm_cluster.py": 13, "unit/test_tokenize_real.py": 10,
-    "integration/test_sequence_parallel.py": 13, "integration/test_checkpoint_ranks.py": 8, "integration/test_lost_contact.py": 8, "unit/test_suite_net.py": 5,
+FILE_SECONDS = {  # measured 2026-12-07 on a clean clone (594 tests, 2255 s of test time in 19:02 on 2 workers)
+    "integration/test_train.py": 598, "integration/test_score.py": 309, "integration/test_bench.py": 232,
+    "integration/slurm/test_dpo_hh_sbatch.py": 182, "integration/slurm/test_paper_sbatch.py": 153,
+    "integration/slurm/test_faults_sbatch.py": 147, "integration/test_real_model.py": 141,
+    "integration/test_object_store.py": 113, "integration/slurm/test_dpo_sweep_sbatch.py": 111,
+    "integration/test_sft.py": 78, "integration/test_demo.py": 57, "integration/test_generate.py": 27,
+    "integration/test_judge.py": 25, "integration/slurm/test_slurm_cluster.py": 15, "unit/test_tokenize_real.py": 10,
+    "integration/test_sequence_parallel.py": 9, "integration/test_checkpoint_ranks.py": 8,
+    "integration/test_lost_contact.py": 8, "unit/test_suite_net.py": 5,
 }
 
 
