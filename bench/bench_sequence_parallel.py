@@ -80,6 +80,10 @@ def _rank_main(args) -> None:
               "row_tokens": int(batch["input_ids"].shape[1])}
     Path(f"{args.out}.{dist.rank}").write_text(json.dumps(report))
     compute_shutdown()
+    # as launchers/train_dpo.py: skip C++ static destructors, where a joinable gloo thread can abort a
+    # finished process ("terminate called without an active exception")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _rss_now() -> int:

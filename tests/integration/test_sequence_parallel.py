@@ -19,7 +19,7 @@ from dpo_dist.fixtures.tiny import write_tiny_model
 pytestmark = pytest.mark.integration
 
 RANK = r"""
-import json, sys
+import json, os, sys
 import torch
 from dpo_dist.core.logps import layout_logps
 from dpo_dist.core.packing import on_ranks, pairs_layout
@@ -65,6 +65,10 @@ for layout in LAYOUTS:
 with open(f"{out}.{sp.rank}", "w") as f:
     json.dump(reports, f)
 compute_shutdown()
+# as launchers/train_dpo.py: no C++ static destructors, where a joinable gloo thread can abort a
+# finished process ("terminate called without an active exception")
+sys.stdout.flush()
+os._exit(0)
 """
 
 
