@@ -149,37 +149,53 @@ def flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
-class S3Server:
-    """A real S3 HTTP endpoint on this machine: moto's standalone server (`moto_server`), with IAM
-    authentication on, one user allowed everything, and one bucket. `env` holds what a client needs
-    (endpoint, region, that user's key); requests signed with any other key are refused."""
+class _LocalServer:
+    """An HTTP server process of a test on a free loopback port, up once `probe` (a path) answers."""
 
-    def __init__(self, log: Path, bucket: str = "dpo-bucket"):
+    def _start(self, log: Path, command: list[str], probe: str, env: dict | None = None) -> None:
         import socket
         import time
         import urllib.request
-
-        import boto3
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        # The first 3 requests (create the user, its policy and its key) pass unauthenticated; every
-        # later one must be signed with a key the server knows.
-        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3"))
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name(command[0])), *command[1:], *self.port_args()],
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 30
         while True:
             try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
-                break
+                urllib.request.urlopen(f"{self.endpoint}{probe}", timeout=1)
+                return
             except OSError:
                 if time.time() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+                    raise RuntimeError(f"{command[0]} did not start: {log.read_text()[-2000:]}")
                 time.sleep(0.2)
+
+    def port_args(self) -> list[str]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class S3Server(_LocalServer):
+    """A real S3 HTTP endpoint on this machine: moto's standalone server (`moto_server`), with IAM
+    authentication on, one user allowed everything, and one bucket. `env` holds what a client needs
+    (endpoint, region, that user's key); requests signed with any other key are refused."""
+
+    def __init__(self, log: Path, bucket: str = "dpo-bucket"):
+        import boto3
+
+        # The first 3 requests (create the user, its policy and its key) pass unauthenticated; every
+        # later one must be signed with a key the server knows.
+        self._start(log, ["moto_server", "-H", "127.0.0.1"], "/moto-api/", dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3"))
         iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
                            aws_access_key_id="setup", aws_secret_access_key="setup")
         iam.create_user(UserName="dpo")
@@ -205,51 +221,24 @@ class S3Server:
                 out[obj["Key"]] = s3.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
         return out
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    def port_args(self) -> list[str]:
+        return ["-p", str(self.port)]
 
 
-class GcsServer:
+class GcsServer(_LocalServer):
     """A real Google Cloud Storage JSON-API endpoint on this machine (gcp-storage-emulator, in memory,
     one bucket). `env` holds what a client needs: STORAGE_EMULATOR_HOST, as with Google's own clients."""
 
     def __init__(self, log: Path, bucket: str = "dpo-gcs"):
-        import socket
-        import time
-        import urllib.request
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         self.bucket = bucket
-        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("gcp-storage-emulator")), "start", "--host=127.0.0.1",
-                                      f"--port={self.port}", "--in-memory", f"--default-bucket={bucket}"],
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{bucket}", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"gcp-storage-emulator did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
+        self._start(log, ["gcp-storage-emulator", "start", "--host=127.0.0.1", "--in-memory", f"--default-bucket={bucket}"],
+                    f"/storage/v1/b/{bucket}")
         self.env = {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def port_args(self) -> list[str]:
+        return [f"--port={self.port}"]
 
     def fs(self):
         import pyarrow.fs as pafs
 
         return pafs.GcsFileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{self.port}", scheme="http")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()

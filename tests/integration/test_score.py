@@ -6,6 +6,7 @@ Every scoring run of the synthetic data uses the same config (600 pairs, 10% eva
 16 pairs, 2 CPU actors), so every run, interrupted or not, must give byte-identical shards to the
 uninterrupted `baseline` run: the manifest's per-shard sha256 are compared.
 """
+import contextlib
 import json
 import os
 import shlex
@@ -271,9 +272,10 @@ def test_ray_job_submit_gives_identical_shards(baseline, tiny_model, synthetic_p
 
 # ----------------------------------------------------------------------------- resume
 
-def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_model, synthetic_path, tmp_path, capfd):
-    """SIGKILL a RefScorer while it scores a shard: the shard is retried on a new actor; same bytes."""
-    cache = tmp_path / "cache"
+@contextlib.contextmanager
+def _killing_a_busy_scorer(cache: Path):
+    """While the block runs: SIGKILL the first RefScorer actor of this process's Ray seen scoring a
+    shard once `cache`'s manifest lists one; yields a dict that gets the killed actor's "pid"."""
     killed: dict = {}
     stop = threading.Event()
 
@@ -291,10 +293,17 @@ def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_mo
     thread = threading.Thread(target=kill_a_busy_actor, daemon=True)
     thread.start()
     try:
-        result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
+        yield killed
     finally:
         stop.set()
         thread.join()
+
+
+def test_actor_killed_mid_run_is_replaced_and_shards_identical(baseline, tiny_model, synthetic_path, tmp_path, capfd):
+    """SIGKILL a RefScorer while it scores a shard: the shard is retried on a new actor; same bytes."""
+    cache = tmp_path / "cache"
+    with _killing_a_busy_scorer(cache) as killed:
+        result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC))
     assert "pid" in killed, "the run finished before an actor could be killed"
     out = capfd.readouterr()
     assert "actor died on shard" in out.out + out.err
@@ -586,28 +595,10 @@ def test_sequence_parallel_scoring_gives_the_unsplit_values(baseline, tiny_model
     # member), so the run stops in one line; the rerun keeps the done shards and ends with the bytes
     # of the uninterrupted run (same group size, same arithmetic).
     again = tmp_path / "again"
-    stop, killed = threading.Event(), {}
-
-    def kill_a_busy_actor():
-        me = psutil.Process()
-        while not stop.is_set():
-            if manifest_shards(again) >= 1:
-                busy = [p for p in me.children(recursive=True) if cmdline(p).startswith("ray::RefScorer.score")]
-                if busy:
-                    killed["pid"] = busy[0].pid
-                    os.kill(busy[0].pid, signal.SIGKILL)
-                    return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=kill_a_busy_actor, daemon=True)
-    thread.start()
     cfg_again = _cfg(tiny_model, synthetic_path, again, *SYNTHETIC, "data.max_samples=96", "score.sequence_parallel_size=2")
-    try:
+    with _killing_a_busy_scorer(again) as killed:
         with pytest.raises(RuntimeError, match=r"shard \w+/\d+: a sequence-parallel group lost an actor .*; rerun to finish"):
             run_scoring(cfg_again)
-    finally:
-        stop.set()
-        thread.join()
     assert "pid" in killed
     rerun = run_scoring(cfg_again)
     assert rerun.skipped_shards >= 1 and shard_hashes(again) == shard_hashes(cache)
