@@ -34,7 +34,7 @@ import json, sys, time
 from pathlib import Path
 import torch, torch.distributed as tdist
 from dpo_dist.engines.checkpoints import file_records, mark_complete
-from dpo_dist.engines.deepspeed_engine import Dist
+from dpo_dist.engines.dist import Dist
 
 rank, world, folder, store, per_rank_params, repeats = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 torch.set_num_threads(1)

@@ -33,7 +33,8 @@ def _rank_main(args) -> None:
 
     from dpo_dist.core.logps import layout_logps
     from dpo_dist.core.packing import on_ranks, pairs_layout
-    from dpo_dist.engines.deepspeed_engine import compute_init, compute_shutdown, sequence_parallel
+    from dpo_dist.engines.deepspeed_engine import compute_init, sequence_parallel
+    from dpo_dist.engines.dist import compute_shutdown
     from dpo_dist.models import attention_for, load_causal_lm, load_model_config
 
     dist = compute_init(timeout_s=600)

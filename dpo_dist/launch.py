@@ -75,21 +75,16 @@ def preflight(cfg: Config, world_size: int, has_gpu: bool, stage: str = "dpo", o
 
 def check_sequence_parallel(cfg: Config, world_size: int) -> None:
     """train.sequence_parallel_size against the world size, the policy's attention heads and the
-    layout (core.packing.sequence_parallel_problem), in one line before any rank starts."""
+    layout, in one line before any rank starts."""
     from dpo_dist.config import ConfigError
-    from dpo_dist.core.packing import sequence_parallel_problem
-    from dpo_dist.models import attention_for, load_model_config, resolve_model_dir
+    from dpo_dist.models import resolve_model_dir, sequence_parallel_problem_for
 
-    from dpo_dist.core.segments import SEGMENT_ATTENTION
-
-    path = resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code)
-    mc = load_model_config(path, trust_remote_code=cfg.model.trust_remote_code)
-    text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
-    heads = getattr(text, "num_attention_heads", 1)
-    problem = sequence_parallel_problem(
-        cfg.train.sequence_parallel_size, world_size, heads, getattr(text, "num_key_value_heads", None) or heads,
-        cfg.model.layout, attention_for(mc, cfg.model.attn_implementation) == SEGMENT_ATTENTION,
-        ranks="the world size (train.num_procs or one per GPU, times the nodes)")
+    m = cfg.model
+    path = resolve_model_dir(cfg.policy_model(), trust_remote_code=m.trust_remote_code)
+    problem = sequence_parallel_problem_for(
+        path, size=cfg.train.sequence_parallel_size, n=world_size, layout=m.layout,
+        attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
+        field="train.sequence_parallel_size", ranks="the world size (train.num_procs or one per GPU, times the nodes)")
     if problem:
         raise ConfigError(problem)
 

@@ -36,7 +36,7 @@ def main() -> int:
     args = parser.parse_args()
     code = run(args)
     # after a clean end only: a rank that raised leaves teardown to torchrun, which stops the others
-    from dpo_dist.engines.deepspeed_engine import compute_shutdown
+    from dpo_dist.engines.dist import compute_shutdown
 
     compute_shutdown()
     return code

@@ -12,7 +12,7 @@ manifest is the source of truth: a shard it does not list is not part of the cac
 
 A cache holds one set of values (reference, tokenizer, tokenization, log-prob code) for pairs keyed
 by their content hash (`id`). Scoring other data with the same values keeps the earlier manifest as a
-view (runs trained on it resume) and reuses every pair already scored (stages/score.py).
+view (runs trained on it resume) and reuses every pair already scored (stages/score/).
 """
 from __future__ import annotations
 

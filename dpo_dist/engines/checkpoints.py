@@ -24,7 +24,8 @@ from dpo_dist.core.atomic import atomic_folder, atomic_write_bytes, disk_full
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.hashing import sha256_file
 from dpo_dist.core.removal import UnsafeDeleteError, remove_tree
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, all_reduce, barrier, to_universal
+from dpo_dist.engines.deepspeed_engine import Engine, to_universal
+from dpo_dist.engines.dist import Dist, all_reduce, barrier
 
 COMPLETE = "COMPLETE"
 STOP_FILE = "STOP"  # OUTPUT_DIR/STOP: stop after the current step with a checkpoint (see StopFlag)

@@ -8,7 +8,8 @@ from dpo_dist.config import LoraConfig, ModelConfig
 from dpo_dist.core.atomic import DiskFullError, disk_full
 from dpo_dist.core.removal import remove_tree
 from dpo_dist.core.ds_json import precision
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, on_main, release_zero3, zero3_init
+from dpo_dist.engines.deepspeed_engine import Engine, release_zero3, zero3_init
+from dpo_dist.engines.dist import Dist, on_main
 
 
 def load_policy(model_cfg: ModelConfig, lora: LoraConfig, policy_dir: Path, ds_config: dict):

@@ -19,7 +19,8 @@ from dpo_dist.core.sampler import BatchPlan
 from dpo_dist.engines import checkpoints
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
 from dpo_dist.core.ds_json import load_ds_json, precision
-from dpo_dist.engines.deepspeed_engine import Dist, Engine, build_engine, fill_ds_config, sequence_parallel
+from dpo_dist.engines.deepspeed_engine import Engine, build_engine, fill_ds_config, sequence_parallel
+from dpo_dist.engines.dist import Dist
 
 CKPT = "checkpoints"
 

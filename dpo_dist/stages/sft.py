@@ -26,7 +26,8 @@ from dpo_dist.core.sampler import BatchPlan
 from dpo_dist.core.tokenize import pad_token_id
 from dpo_dist.engines import checkpoints, trainer
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
-from dpo_dist.engines.deepspeed_engine import Dist, all_reduce, compute_init, on_main, rank_rounds, sp_note
+from dpo_dist.engines.deepspeed_engine import compute_init
+from dpo_dist.engines.dist import Dist, all_reduce, on_main, rank_rounds, sp_note
 from dpo_dist.engines.policy import export_model
 from dpo_dist.engines.trainer import CKPT
 FINAL = "final_metrics.json"

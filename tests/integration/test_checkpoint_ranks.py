@@ -16,7 +16,7 @@ import json, sys
 from pathlib import Path
 import torch.distributed as tdist
 from dpo_dist.engines import checkpoints
-from dpo_dist.engines.deepspeed_engine import Dist
+from dpo_dist.engines.dist import Dist
 
 rank, folder, store = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -61,7 +61,7 @@ import json, sys
 from pathlib import Path
 import torch.distributed as tdist
 from dpo_dist.engines import checkpoints
-from dpo_dist.engines.deepspeed_engine import Dist
+from dpo_dist.engines.dist import Dist
 
 rank, ckpt, store = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

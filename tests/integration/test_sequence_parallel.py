@@ -23,7 +23,8 @@ import json, os, sys
 import torch
 from dpo_dist.core.logps import layout_logps
 from dpo_dist.core.packing import on_ranks, pairs_layout
-from dpo_dist.engines.deepspeed_engine import compute_init, compute_shutdown, sequence_parallel
+from dpo_dist.engines.deepspeed_engine import compute_init, sequence_parallel
+from dpo_dist.engines.dist import compute_shutdown
 from dpo_dist.models import attention_for, load_causal_lm, load_model_config
 
 model_dir, out = sys.argv[1], sys.argv[2]

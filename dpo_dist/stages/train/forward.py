@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dpo_dist.config import Config
 from dpo_dist.core import cache as cache_mod
-from dpo_dist.engines.deepspeed_engine import Dist, all_reduce, rank_rounds
+from dpo_dist.engines.dist import Dist, all_reduce, rank_rounds
 
 
 def collate(rows: list[dict], pad_id: int, device: str, layout: str = "shared", engine=None,

@@ -18,8 +18,8 @@ from dpo_dist.core.errors import UserError
 from dpo_dist.core.metrics import flatten, memory_gb, mfu, peak_tflops
 from dpo_dist.engines import checkpoints, trainer
 from dpo_dist.engines.checkpoints import STOP_FILE, StopFlag
-from dpo_dist.engines.deepspeed_engine import (Dist, Engine, all_reduce, compute_init, local_param_fraction, on_main,
-                                               param_counts, sp_note)
+from dpo_dist.engines.deepspeed_engine import Engine, compute_init, local_param_fraction, param_counts
+from dpo_dist.engines.dist import Dist, all_reduce, on_main, sp_note
 from dpo_dist.engines.policy import export_model
 from dpo_dist.engines.trainer import CKPT
 from dpo_dist.core.sampler import BatchPlan

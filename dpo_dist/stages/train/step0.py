@@ -6,7 +6,7 @@ import math
 
 from dpo_dist.core.errors import UserError
 from dpo_dist.core.step0 import Step0Sums
-from dpo_dist.engines.deepspeed_engine import Dist, all_reduce
+from dpo_dist.engines.dist import Dist, all_reduce
 
 
 class Step0Error(UserError):
