@@ -154,9 +154,9 @@ def local_param_fraction(model) -> float:
 class Engine:
     """Thin wrapper: the training loop calls forward/backward/step/save/load only through here."""
 
-    def __init__(self, ds_engine):
+    def __init__(self, ds_engine, sp: "SequenceParallel | None" = None):
         self.ds = ds_engine
-        self.sp: SequenceParallel | None = None  # this rank's sequence-parallel group, if any
+        self.sp = sp  # this rank's sequence-parallel group, if any
 
     @property
     def module(self):
@@ -316,9 +316,7 @@ def build_engine(model, ds_config: dict, train: TrainConfig, total_steps: int, s
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-    engine = Engine(ds_engine)
-    engine.sp = sp
-    return engine
+    return Engine(ds_engine, sp)
 
 
 @dataclass
