@@ -24,8 +24,8 @@ Per size, in this order:
           export, no samples. Start-up = seconds from the process start to the rank's "step-0 identity"
           line (printed in the first step's forward, after the cache is read and the engine built);
           the wall time of the whole run (it also saves a checkpoint and evaluates the held-out 1%,
-          which grows with N) is shown apart. Peak RSS is the rank's (the descendant running
-          launchers/train_dpo.py that is not dpo_dist.torchrun). Each size is trained --repeats
+          which grows with N) is shown apart. Peak RSS is the rank's (the descendant named
+          dpo-rank-0 by launchers/train_dpo.py). Each size is trained --repeats
           times (default 3, sizes alternating): the median times and the largest peak are shown.
 Scoring runs for every size first, then the warm-up, then training for every size. The load
 average during each run is recorded (the machine may be shared: it moves wall times, not memory).
@@ -96,7 +96,7 @@ def high_water_gb(proc) -> float:
 
 class Watch:
     """Runs a command; records the time each stdout/stderr marker first appears and, every POLL_S,
-    the peak memory of the process and of its descendants, by the role `classify(cmdline)` gives them."""
+    the peak memory of the process and of its descendants, by the role `classify(name, cmdline)` gives them."""
 
     def __init__(self, cmd: list[str], env: dict, log: Path, markers: dict[str, str], classify):
         self.cmd, self.env, self.log, self.markers, self.classify = cmd, env, log, markers, classify
@@ -149,7 +149,7 @@ class Watch:
                 cmdline = " ".join(p.cmdline())
                 if role is None:
                     self.names.add(process_name(p.name(), cmdline))
-                    role = self.classify(cmdline)
+                    role = self.classify(p.name(), cmdline)
                 if role:
                     self.peaks[role] = max(self.peaks.get(role, 0.0), high_water_gb(p))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -165,12 +165,12 @@ def process_name(name: str, cmdline: str) -> str:
     return f"{name} ({script})" if script else name
 
 
-def is_scoring_actor(cmdline: str) -> str | None:
+def is_scoring_actor(name: str, cmdline: str) -> str | None:
     return "actor" if "RefScorer" in cmdline else None
 
 
-def is_training_rank(cmdline: str) -> str | None:
-    return "rank" if "launchers/train_dpo.py" in cmdline and "dpo_dist.torchrun" not in cmdline else None
+def is_training_rank(name: str, cmdline: str) -> str | None:
+    return "rank" if name.startswith("dpo-rank-") else None  # launchers/train_dpo.py names its process
 
 
 # ----------------------------------------------------------------------------- the two stages

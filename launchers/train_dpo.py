@@ -75,12 +75,48 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result else 1
 
 
+def forked() -> bool:
+    """A rank forked by dpo_dist.torchrun (torchrun's --run-path, start method fork), not a fresh interpreter."""
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
+def name_process() -> None:
+    """`dpo-rank-N` in ps, top and psutil's name(): a forked rank's command line is its launcher's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, f"dpo-rank-{os.environ.get('RANK', '0')}".encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: the name stays
+        pass
+
+
+def as_fresh_process() -> None:
+    """What a fresh interpreter would have: default handlers for the signals torchrun's agent catches
+    (ours are installed once training starts), and the OpenMP threads torchrun set for this rank."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 if __name__ == "__main__":
+    name_process()
+    if forked():
+        as_fresh_process()
     code = main()
     # Everything is written and closed, the process group destroyed. Leave without C++ static
     # destructors: a torch/DeepSpeed thread object still joinable there aborts a finished rank
     # ("terminate called without an active exception", SIGABRT: seen once in CI and once in a
-    # clean 2-rank run after destroying the group), failing a run that ended well.
+    # clean 2-rank run after destroying the group), failing a run that ended well. A forked rank
+    # that ended well returns instead: torchrun waits for its return value, then ends it with os._exit.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    if code or not forked():
+        os._exit(code)

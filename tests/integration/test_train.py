@@ -178,7 +178,8 @@ def adapter(export: Path) -> dict:
 
 def test_lora_run_crashed_then_resumed_matches_the_uninterrupted_lora_run(work, lora_run):
     """The LoRA run's config, crashed after step 3 (DPO_DIST_CRASH_AFTER_STEP: no export, no final
-    metrics, only checkpoint step-2 left by keep_last=1), then `train --resume`: it resumes at step 2
+    metrics, only checkpoint step-2 left by keep_last=1), then `train --resume` with DPO_DIST_FORK_RANKS=0
+    (each rank a fresh interpreter, as on GPUs; every other run here forks its ranks): it resumes at step 2
     and its per-step losses, rewards and learning rates (the cosine schedule restored), its final eval
     and its exported adapter are the uninterrupted run's, the adapter far inside how far training
     moved it (lora_B starts at zero)."""
@@ -187,7 +188,8 @@ def test_lora_run_crashed_then_resumed_matches_the_uninterrupted_lora_run(work, 
     assert crashed.returncode != 0 and "DPO_DIST_CRASH_AFTER_STEP=3: simulated crash" in crashed.stderr, crashed.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-2"]
     assert not (out / "export").exists() and not (out / "final_metrics.json").exists()
-    resumed = run(DPO + ["train", "--resume", *args], work)
+    # resumed with ranks that are fresh interpreters (as on GPUs), not forked from torchrun's process
+    resumed = run(DPO + ["train", "--resume", *args], work, {"DPO_DIST_FORK_RANKS": "0"})
     assert "resuming at step 2" in resumed.stdout + resumed.stderr, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     a, b = scalars(lora_run / "tb"), scalars(out / "tb")
     for tag in ("train/loss", "train/rewards/margins", "train/lr", "train/logps/chosen"):
