@@ -33,10 +33,14 @@ def num_procs(cfg: Config) -> tuple[int, bool]:
     return cfg.train.num_procs or 2, False
 
 
+def torchrun_args(nproc: int, args: list[str], signals: str = FORWARDED) -> list[str]:
+    """torchrun's arguments for `nproc` ranks of the launcher on this machine, `args` its own."""
+    return ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            f"--signals_to_handle={signals}", f"--shutdown_timeout={GRACE_S}", str(LAUNCHER), *args]
+
+
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "dpo_dist.torchrun", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            f"--signals_to_handle={FORWARDED}", f"--shutdown_timeout={GRACE_S}", str(LAUNCHER), *args]
+    return [sys.executable, "-m", "dpo_dist.torchrun", *torchrun_args(nproc, args)]
 
 
 # A DeepSpeed op build (the CPU shared-memory op, JIT-compiled at the first start) takes seconds to
@@ -139,18 +143,14 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
     args = ["--stage", stage] + (["--config", config_path] if config_path else []) + list(overrides)
     args += (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
     args += ["--base-dir", base_dir] if base_dir else []
-    cmd = torchrun_command(nproc, args)
     print(f"[dpo-dist] {'SFT' if stage == 'sft' else 'training'}: torchrun, {nproc} process(es)", flush=True)
     with tempfile.NamedTemporaryFile("r", prefix="dpo-dist-error-", suffix=".txt") as error_file:
         env["DPO_DIST_ERROR_FILE"] = error_file.name  # the ranks' one-line user error, if any
-        proc = subprocess.Popen(cmd, env=env)
-        previous = {s: signal.signal(s, lambda signum, _f: signal_ranks(proc.pid, signum))
-                    for s in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            code = proc.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        # torchrun's agent runs in this process where its ranks are forked (dpo_dist.torchrun: no GPU),
+        # unless Ray ran here (its threads should not be forked): the libraries this process has
+        # imported are then imported once for the whole launch
+        here = not has_gpu and "ray" not in sys.modules and os.environ.get("DPO_DIST_FORK_RANKS", "1") != "0"
+        code = (agent_here if here else agent_process)(nproc, args, env)
         message = Path(error_file.name).read_text().strip()
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -158,6 +158,58 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
     if code != 0:
         print(failure_line(cfg, stage, code), file=sys.stderr, flush=True)
     return code
+
+
+def agent_process(nproc: int, args: list[str], env: dict) -> int:
+    """torchrun in a process of its own (`python -m dpo_dist.torchrun`): its exit status. SIGTERM and
+    SIGUSR1 sent to this process go to the ranks themselves."""
+    proc = subprocess.Popen(torchrun_command(nproc, args), env=env)
+    previous = {s: signal.signal(s, lambda signum, _f: signal_ranks(proc.pid, signum))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def agent_here(nproc: int, args: list[str], env: dict) -> int:
+    """torchrun's agent in this process (dpo_dist.torchrun.launch), under `env`: 0, 1 when a rank
+    failed, or minus the signal that stopped it. SIGTERM and SIGUSR1 go to the ranks themselves (they
+    save and stop, and the agent ends normally); torchrun handles SIGINT, SIGHUP and SIGQUIT. This
+    process's environment, signal handlers and name are as before afterwards."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from dpo_dist import torchrun
+
+    saved_env, name = dict(os.environ), process_name()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, _f: signal_ranks(os.getpid(), signum))
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return torchrun.launch(torchrun_args(nproc, args, signals="SIGINT,SIGHUP,SIGQUIT"))
+    except SignalException as e:
+        return -int(e.sigval)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        process_name(name)  # torchrun names its thread pt_elastic
+
+
+def process_name(name: str | None = None) -> str | None:
+    """This process's name (Linux: /proc/self/comm), set to `name` when given; None where unknown."""
+    try:
+        if name:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        return Path("/proc/self/comm").read_text().strip()
+    except (OSError, AttributeError):
+        return None
 
 
 def failure_line(cfg: Config, stage: str, code: int) -> str:
@@ -177,13 +229,14 @@ def failure_line(cfg: Config, stage: str, code: int) -> str:
             f"above); rerun with --resume (or the same `dpo-dist run`) to continue from {where}")
 
 
-def signal_ranks(torchrun_pid: int, signum: int) -> None:
-    """Pass a stop signal to the ranks themselves: each finishes its step and saves, they exit 0,
-    and torchrun ends normally (signalled itself, it would end with an error after they stop)."""
+def signal_ranks(agent_pid: int, signum: int) -> None:
+    """Pass a stop signal to the ranks themselves (the children of torchrun's agent): each finishes its
+    step and saves, they exit 0, and torchrun ends normally (signalled itself, it would end with an
+    error after they stop)."""
     import psutil
 
     try:
-        ranks = psutil.Process(torchrun_pid).children()
+        ranks = psutil.Process(agent_pid).children()
     except psutil.NoSuchProcess:
         return
     for rank in ranks:

@@ -48,11 +48,11 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def main() -> int:
+def launch(argv: list[str]) -> int:
+    """torchrun with ARGS `argv`, in this process: 0, or 1 after one line naming the rank that ended first."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    argv = sys.argv[1:]
     args = parse_args(argv)
     if fork_ranks(argv):
         preload()
@@ -72,6 +72,10 @@ def main() -> int:
               file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def main() -> int:
+    return launch(sys.argv[1:])
 
 
 if __name__ == "__main__":
