@@ -147,7 +147,9 @@ SlurmdTimeout=$SLURMD_TIMEOUT
 MessageTimeout=10
 JobRequeue=1
 NodeName=n[1-${#NODES[@]}] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$NODE_PORT-$last_port] CPUs=$NCPUS RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+# Jobs share the nodes' CPUs (all the nodes are this one machine): a job requeued onto fewer nodes
+# does not wait for another test's job to leave the CPUs it wants (seen: 97 s)
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     mv "$CONF.tmp" "$CONF"
 }

@@ -58,12 +58,12 @@ def pytest_runtest_makereport(item, call):
 # weigh 0 and keep their order. `make test` runs with --dist loadfile --no-loadscope-reorder, so a
 # free worker takes the next file in this order: the longest files start first and the short ones
 # fill the end, instead of a tail of minutes behind a single-test Slurm file started last.
-FILE_SECONDS = {  # measured 2026-12-07 on a clean clone (594 tests, 2255 s of test time in 19:02 on 2 workers)
-    "integration/test_train.py": 598, "integration/test_score.py": 309, "integration/test_bench.py": 232,
-    "integration/slurm/test_dpo_hh_sbatch.py": 182, "integration/slurm/test_paper_sbatch.py": 153,
-    "integration/slurm/test_faults_sbatch.py": 147, "integration/test_real_model.py": 141,
-    "integration/test_object_store.py": 113, "integration/slurm/test_dpo_sweep_sbatch.py": 111,
-    "integration/test_sft.py": 78, "integration/test_demo.py": 57, "integration/test_generate.py": 27,
+FILE_SECONDS = {  # estimated 2026-12-08 from a clean clone (594 tests in 15:46 on 2 workers; ranks forked)
+    "integration/test_train.py": 370, "integration/test_score.py": 260, "integration/test_bench.py": 200,
+    "integration/slurm/test_dpo_hh_sbatch.py": 150, "integration/slurm/test_faults_sbatch.py": 140,
+    "integration/slurm/test_paper_sbatch.py": 110, "integration/test_real_model.py": 110,
+    "integration/slurm/test_dpo_sweep_sbatch.py": 95, "integration/test_object_store.py": 90,
+    "integration/test_demo.py": 50, "integration/test_sft.py": 45, "integration/test_generate.py": 25,
     "integration/test_judge.py": 25, "integration/slurm/test_slurm_cluster.py": 15, "unit/test_tokenize_real.py": 10,
     "integration/test_sequence_parallel.py": 9, "integration/test_checkpoint_ranks.py": 8,
     "integration/test_lost_contact.py": 8, "unit/test_suite_net.py": 5,

@@ -60,7 +60,7 @@ def work(tmp_path_factory):
     write_inputs(d, 512, 96)
     # float32 (auto would follow the bf16 JSON): the float32 step-0 test below needs float32 on both sides
     run(DPO + ["score", "model.name_or_path=model", "data.train=train.jsonl", "data.eval=eval.jsonl",
-               "cache_dir=cache", "score.shard_size=256", "score.dtype=float32"], d)
+               "cache_dir=cache", "score.shard_size=256", "score.dtype=float32", "score.cpu_actors=1"], d)
     return d
 
 
