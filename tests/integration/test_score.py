@@ -95,7 +95,8 @@ def test_values_equal_single_pair_forward_on_hh(ray_cluster, tiny_model, hh_path
     from dpo_dist.core.data import load_pairs
 
     cache = tmp_path / "cache"
-    result = run_scoring(_cfg(tiny_model, hh_path, cache, "data.max_length=256", "data.max_prompt_length=128"))
+    result = run_scoring(_cfg(tiny_model, hh_path, cache, "data.max_length=256", "data.max_prompt_length=128",
+                              "score.cpu_actors=1"))
     manifest = load_manifest(cache)
     assert manifest.fingerprint["reference.dtype"] == "float32"
     report = manifest.splits["train"]["report"]
@@ -167,7 +168,8 @@ def test_another_shard_size_completes_the_cache_with_its_own(baseline, tiny_mode
             (cache / split / info["shards"].pop(index)["name"]).unlink()
         info["num_shards"] = None
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    cfg = _cfg(tiny_model, synthetic_path, cache, *SYNTHETIC[:1], "score.shard_size=128", *SYNTHETIC[2:])
+    # one actor: the bytes do not depend on how many actors scored them (the baseline had two)
+    cfg = _cfg(tiny_model, synthetic_path, cache, *SYNTHETIC[:1], "score.shard_size=128", "score.cpu_actors=1", *SYNTHETIC[3:])
     assert not cache_ready(cfg)
     result = run_scoring(cfg)
     assert result.skipped_shards == 10 and verify(cache) == []
@@ -472,7 +474,7 @@ def test_refuses_other_fingerprint_and_overwrites_when_asked(baseline, tiny_mode
     assert _file_bytes(cache) == before  # manifest and shards untouched
 
     result = run_scoring(_cfg(tiny_model, synthetic_path, cache, *SYNTHETIC, "data.max_length=384",
-                              "score.shard_size=128", "score.overwrite=true"))
+                              "score.shard_size=128", "score.overwrite=true", "score.cpu_actors=1"))
     manifest = load_manifest(cache)
     assert manifest.fingerprint["data.max_length"] == 384 and verify(cache) == []
     assert result.skipped_shards == 0 and manifest.rows("train") + manifest.rows("eval") == 600
