@@ -94,3 +94,32 @@ def test_the_shipped_deepspeed_json_is_found_from_any_working_folder(tmp_path, m
     assert load_ds_json("ds_configs/zero3_bf16.json") == {"zero_optimization": {"stage": 2}}
     with pytest.raises(FileNotFoundError, match="ds_configs/nope.json: DeepSpeed config not found"):
         load_ds_json("ds_configs/nope.json")
+
+
+def test_an_agent_run_in_this_process_leaves_its_environment_signals_and_name_as_they_were(monkeypatch):
+    """launch.agent_here runs torchrun's agent in the `dpo-dist` process (CPU, ranks forked): torchrun
+    sets environment variables, installs its signal handlers and names the process pt_elastic; all
+    are put back afterwards (a sweep launches again from the same process). Torchrun itself is
+    replaced by a stand-in that does those things; the real one runs in every training test."""
+    import signal
+
+    from dpo_dist import launch, torchrun
+
+    seen = {}
+
+    def stand_in(argv):
+        seen.update(argv=argv, env=os.environ.get("DPO_DIST_TEST_VAR"), term=signal.getsignal(signal.SIGTERM))
+        os.environ["OMP_NUM_THREADS"] = "1"  # torchrun's own setting for several ranks
+        for s in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        launch.process_name("pt_elastic")
+        return 1
+
+    monkeypatch.setattr(torchrun, "launch", stand_in)
+    env_before, name = dict(os.environ), launch.process_name()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)}
+    code = launch.agent_here(2, ["--stage", "dpo"], {**os.environ, "DPO_DIST_TEST_VAR": "yes"})
+    assert code == 1 and seen["env"] == "yes" and seen["term"] not in (signal.SIG_DFL, handlers[signal.SIGTERM])
+    assert "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT" in seen["argv"] and seen["argv"][-2:] == ["--stage", "dpo"]
+    assert dict(os.environ) == env_before and launch.process_name() == name
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
