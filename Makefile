@@ -45,12 +45,12 @@ $(VENV)/.installed: setup.py
 	   { tail -n 40 $(VENV)/install.log; echo "[make] install failed; full log: $(VENV)/install.log"; exit 1; }
 	@touch $@
 
-# Two workers: most tests wait on subprocesses (Ray start-up, Slurm, torchrun imports), so two at
-# once fill 2 cores. Each test file runs whole on one worker (its fixtures are built once); Slurm
+# Three workers on 2 cores: tests wait on subprocesses and daemons (Ray start-up, Slurm's node and
+# requeue timers, collective timeouts), and with two workers the cores were idle 12% of the run. Each test file runs whole on one worker (its fixtures are built once); Slurm
 # test files on both workers share one local cluster (tests/integration/slurm/conftest.py).
 # --no-loadscope-reorder keeps the order of tests/conftest.py (heaviest files first), not xdist's
 # (most tests first, which started the single-test Slurm files last). PYTEST_WORKERS=0: one process.
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 # dpo_dist's bytecode written once: with PYTHONDONTWRITEBYTECODE set (it is on these machines), each of the
 # suite's hundreds of processes would compile it again (about 0.1 s of CPU each).
 test: install real-model
