@@ -46,8 +46,9 @@ $(VENV)/.installed: setup.py
 	@touch $@
 
 # Three workers on 2 cores: tests wait on subprocesses and daemons (Ray start-up, Slurm's node and
-# requeue timers, collective timeouts), and with two workers the cores were idle 12% of the run. Each test file runs whole on one worker (its fixtures are built once); Slurm
-# test files on both workers share one local cluster (tests/integration/slurm/conftest.py).
+# requeue timers, collective timeouts), and with two workers the cores were idle 12% of the run.
+# Each test file runs whole on one worker (its fixtures are built once); Slurm test files on
+# several workers share one local cluster (tests/integration/slurm/conftest.py).
 # --no-loadscope-reorder keeps the order of tests/conftest.py (heaviest files first), not xdist's
 # (most tests first, which started the single-test Slurm files last). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 3

@@ -27,7 +27,7 @@ from helpers import DPO, GcsServer, S3Server, offline_env, shard_hashes
 
 pytestmark = pytest.mark.integration
 
-CFG = ["data.eval_fraction=0.1", "data.max_samples=160", "score.shard_size=16", "score.cpu_actors=2",
+CFG = ["data.eval_fraction=0.1", "data.max_samples=160", "score.shard_size=16", "score.cpu_actors=1",
        "score.threads_per_actor=1", "score.dtype=float32"]
 
 
