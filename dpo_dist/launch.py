@@ -143,13 +143,15 @@ def run_torchrun(cfg: Config, config_path: str | None, overrides: list[str], res
     args = ["--stage", stage] + (["--config", config_path] if config_path else []) + list(overrides)
     args += (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
     args += ["--base-dir", base_dir] if base_dir else []
+    from dpo_dist import torchrun
+
     print(f"[dpo-dist] {'SFT' if stage == 'sft' else 'training'}: torchrun, {nproc} process(es)", flush=True)
     with tempfile.NamedTemporaryFile("r", prefix="dpo-dist-error-", suffix=".txt") as error_file:
         env["DPO_DIST_ERROR_FILE"] = error_file.name  # the ranks' one-line user error, if any
         # torchrun's agent runs in this process where its ranks are forked (dpo_dist.torchrun: no GPU),
         # unless Ray ran here (its threads should not be forked): the libraries this process has
         # imported are then imported once for the whole launch
-        here = not has_gpu and "ray" not in sys.modules and os.environ.get("DPO_DIST_FORK_RANKS", "1") != "0"
+        here = not has_gpu and "ray" not in sys.modules and torchrun.can_fork()
         code = (agent_here if here else agent_process)(nproc, args, env)
         message = Path(error_file.name).read_text().strip()
     if message:

@@ -6,7 +6,7 @@ a rank fails, torchrun ends by raising ChildFailedError, and Python prints torch
 a table: some 30 lines under the rank's error that say only which rank ended first and how. Here they
 are one line; torchrun's exit status (1) is kept.
 
-Without a GPU (and unless DPO_DIST_FORK_RANKS=0 or ARGS name a --start-method), this process imports
+On Linux without a GPU (unless DPO_DIST_FORK_RANKS=0 or ARGS name a --start-method), this process imports
 torch, DeepSpeed, transformers, peft and the trainer once, then starts the ranks with torchrun's own
 `--run-path` and start method `fork`: each rank runs the training script in a copy of this process
 instead of a fresh interpreter, and skips those imports (about 4 s of CPU per rank; BENCHMARKS.md).
@@ -20,22 +20,32 @@ import socket
 import sys
 
 
+# torchrun options that choose how the ranks start: given, they are followed as they are
+_HOW_RANKS_START = ("--start-method", "--start_method", "--run-path", "--run_path", "--no-python", "--no_python",
+                    "-m", "--module")
+
+
 def fork_ranks(argv: list[str]) -> bool:
     """Whether the ranks of this launch are forked (see the module's docstring)."""
-    if os.environ.get("DPO_DIST_FORK_RANKS", "1") == "0" or any(a.startswith(("--start-method", "--start_method",
-                                                                              "--run-path", "--run_path", "--no-python",
-                                                                              "--no_python", "-m", "--module"))
-                                                                for a in argv):
+    if not can_fork() or any(a.split("=")[0] in _HOW_RANKS_START for a in argv):
         return False
     import torch
 
     return not torch.cuda.is_available()
 
 
+def can_fork() -> bool:
+    """Linux (macOS forbids much of what a forked copy of a loaded process would do), unless
+    DPO_DIST_FORK_RANKS=0."""
+    return sys.platform.startswith("linux") and os.environ.get("DPO_DIST_FORK_RANKS", "1") != "0"
+
+
 def preload() -> None:
     """Import what every rank imports, so that forked ranks find it loaded. Nothing here runs a torch
-    operation or starts a thread: a fork copies only the calling thread (and an OpenMP pool started
-    here would hang the ranks' first parallel region)."""
+    operation: an OpenMP pool started here would hang the ranks' first parallel region. (A fork
+    copies only the calling thread; the native threads these imports start, one of torch's and
+    jemalloc's in pyarrow, belong to libraries that prepare for a fork, as torch's DataLoader
+    workers rely on.)"""
     from dpo_dist.quiet import silence_known_noise
 
     silence_known_noise()
