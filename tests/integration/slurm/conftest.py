@@ -4,8 +4,8 @@
 SlurmCluster (attributes or dict keys: env, state_dir, conf) and stops the cluster at teardown
 (unless it was already running before the session). It skips when Slurm cannot be installed.
 
-State dir: $DPO_SLURM_STATE_DIR or /tmp/dpo-dist-slurm. Run these tests in one process
-(no xdist split): teardown in one worker would stop the cluster under another.
+State dir: $DPO_SLURM_STATE_DIR or /tmp/dpo-dist-slurm. Test files on several xdist workers share
+the cluster: a count of its users under a lock, and the last one stops what the first started.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def slurm_cluster():
     if r.returncode != 0:
         skip_or_fail(f"could not install Slurm: {r.stderr.strip()[-2000:]}")
 
-    # `make test` runs test files on 2 pytest-xdist workers: Slurm test files on both share one
+    # `make test` runs test files on 3 pytest-xdist workers: Slurm test files on several share one
     # cluster, counted in a users file under a lock; the last user stops what the first started.
     state_dir.mkdir(parents=True, exist_ok=True)
     with _users(state_dir) as users:
