@@ -80,17 +80,12 @@ def preflight(cfg: Config, world_size: int, has_gpu: bool, stage: str = "dpo", o
 def check_sequence_parallel(cfg: Config, world_size: int) -> None:
     """train.sequence_parallel_size against the world size, the policy's attention heads and the
     layout, in one line before any rank starts."""
-    from dpo_dist.config import ConfigError
-    from dpo_dist.models import resolve_model_dir, sequence_parallel_problem_for
+    from dpo_dist import models
 
-    m = cfg.model
-    path = resolve_model_dir(cfg.policy_model(), trust_remote_code=m.trust_remote_code)
-    problem = sequence_parallel_problem_for(
-        path, size=cfg.train.sequence_parallel_size, n=world_size, layout=m.layout,
-        attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-        field="train.sequence_parallel_size", ranks="the world size (train.num_procs or one per GPU, times the nodes)")
-    if problem:
-        raise ConfigError(problem)
+    path = models.resolve_model_dir(cfg.policy_model(), trust_remote_code=cfg.model.trust_remote_code)
+    models.check_sequence_parallel(path, cfg.model, size=cfg.train.sequence_parallel_size, n=world_size,
+                                   field="train.sequence_parallel_size",
+                                   ranks="the world size (train.num_procs or one per GPU, times the nodes)")
 
 
 def extension_build_root() -> Path:

@@ -236,20 +236,24 @@ def attention_for(config, attn_implementation: str) -> str:
     return SEGMENT_ATTENTION
 
 
-def sequence_parallel_problem_for(path: str | Path, *, size: int, n: int, layout: str, attn_implementation: str,
-                                  trust_remote_code: bool = False, field: str, ranks: str) -> str | None:
-    """core.packing.sequence_parallel_problem for the model at `path` (its attention heads and whether
-    its attention is segment attention): why `size`-way sequence parallelism over `n` ranks or actors
-    cannot run, in one line naming `field`, or None. Training and scoring both check through here."""
+def check_sequence_parallel(path: str | Path, model_cfg, *, size: int, n: int, field: str, ranks: str) -> None:
+    """core.packing.sequence_parallel_problem for the model at `path` loaded as `model_cfg` (a
+    ModelConfig: layout, attention, trust_remote_code) says: ConfigError, in one line naming `field`,
+    when `size`-way sequence parallelism over `n` ranks or actors cannot run. Training's preflight and
+    scoring both check through here."""
+    from dpo_dist.config import ConfigError
     from dpo_dist.core.packing import sequence_parallel_problem
     from dpo_dist.core.segments import SEGMENT_ATTENTION
 
-    mc = load_model_config(path, trust_remote_code=trust_remote_code)
+    mc = load_model_config(path, trust_remote_code=model_cfg.trust_remote_code)
     text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
     heads = getattr(text, "num_attention_heads", 1)
-    return sequence_parallel_problem(size, n, heads, getattr(text, "num_key_value_heads", None) or heads, layout,
-                                     attention_for(mc, attn_implementation) == SEGMENT_ATTENTION,
-                                     field=field, ranks=ranks)
+    problem = sequence_parallel_problem(size, n, heads, getattr(text, "num_key_value_heads", None) or heads,
+                                        model_cfg.layout,
+                                        attention_for(mc, model_cfg.attn_implementation) == SEGMENT_ATTENTION,
+                                        field=field, ranks=ranks)
+    if problem:
+        raise ConfigError(problem)
 
 
 def register_segment_attention() -> None:

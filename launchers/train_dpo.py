@@ -82,16 +82,6 @@ def forked() -> bool:
     return multiprocessing.parent_process() is not None
 
 
-def name_process() -> None:
-    """`dpo-rank-N` in ps, top and psutil's name(): a forked rank's command line is its launcher's."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, f"dpo-rank-{os.environ.get('RANK', '0')}".encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):  # not Linux: the name stays
-        pass
-
-
 def as_fresh_process() -> None:
     """What a fresh interpreter would have: default handlers for the signals torchrun's agent catches
     (ours are installed once training starts), and the OpenMP threads torchrun set for this rank."""
@@ -107,7 +97,9 @@ def as_fresh_process() -> None:
 
 
 if __name__ == "__main__":
-    name_process()
+    from dpo_dist.launch import process_name
+
+    process_name(f"dpo-rank-{os.environ.get('RANK', '0')}")  # in ps and top: a forked rank's command line is its launcher's
     if forked():
         as_fresh_process()
     code = main()

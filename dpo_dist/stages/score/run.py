@@ -144,16 +144,11 @@ def run_scoring(cfg: Config) -> ScoreResult:
 
 def _check_sequence_parallel(cfg: Config, spec: CacheSpec, n_actors: int) -> None:
     """score.sequence_parallel_size against the actors, the reference's attention heads and the layout."""
-    from dpo_dist.config import ConfigError
-    from dpo_dist.models import sequence_parallel_problem_for
+    from dpo_dist.models import check_sequence_parallel
 
-    m = cfg.model
-    problem = sequence_parallel_problem_for(
-        spec.ref_dir, size=cfg.score.sequence_parallel_size, n=n_actors, layout=m.layout,
-        attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-        field="score.sequence_parallel_size", ranks="the scoring actors (score.num_actors, the GPUs or score.cpu_actors)")
-    if problem:
-        raise ConfigError(problem)
+    check_sequence_parallel(spec.ref_dir, cfg.model, size=cfg.score.sequence_parallel_size, n=n_actors,
+                            field="score.sequence_parallel_size",
+                            ranks="the scoring actors (score.num_actors, the GPUs or score.cpu_actors)")
 
 
 def _tokenize_first_pairs(cfg: Config, spec: CacheSpec) -> None:
